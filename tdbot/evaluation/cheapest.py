@@ -1,0 +1,289 @@
+"""Cheapest hostnode: rank the market for a spec, alert on good prices, optionally deploy.
+
+Alert subjects of this rule kind:
+
+- "best": the best full price is under `alert.below_usd_per_hour`. It resolves when
+  the best price is at or above the threshold again, or no hostnode can host the spec.
+- "new-best": the best price dropped below the lowest one stored for the rule
+  (`RuleState.best_price_usd`, which the caller updates from the evidence). It resolves
+  when the best price rises above that stored low again, so the next drop fires anew.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from tdbot.evaluation.common import unknown_data_report
+from tdbot.evaluation.model import (
+    Decision,
+    Deploy,
+    FireAlert,
+    MarketSnapshot,
+    Report,
+    ResolveAlert,
+    RuleState,
+    Severity,
+)
+from tdbot.evaluation.pricing import (
+    PRICE_DECIMALS,
+    Offer,
+    count_rejections,
+    rank_hostnodes,
+)
+from tdbot.rules.schema import CheapestHostnodeRule, DeployPolicy
+
+SUBJECT_BEST = "best"
+SUBJECT_NEW_BEST = "new-best"
+SUBJECT_MARKET = "market"
+SUBJECT_DEPLOY = "deploy"
+
+
+def evaluate_cheapest(
+    rule: CheapestHostnodeRule, snapshot: MarketSnapshot, state: RuleState, now: datetime
+) -> list[Decision]:
+    """Decide price alerts and deploys for one cheapest-hostnode rule."""
+    if snapshot.hostnodes is None:
+        return [
+            unknown_data_report(
+                rule.name,
+                "hostnodes",
+                snapshot,
+                SUBJECT_MARKET,
+                "the market is unknown and nothing was decided",
+            )
+        ]
+
+    offers = rank_hostnodes(snapshot.hostnodes, rule.match, ports_needed(rule))
+    if not offers:
+        return _no_offers(rule, snapshot, state)
+
+    best = offers[0]
+    decisions: list[Decision] = []
+    decisions.extend(_threshold_alert(rule, state, offers))
+    decisions.extend(_new_best_alert(rule, state, offers))
+    decisions.extend(_deploy(rule, snapshot, state, best))
+    return decisions
+
+
+def updated_best_price(
+    rule: CheapestHostnodeRule, snapshot: MarketSnapshot, state: RuleState
+) -> float | None:
+    """Return the best price to store after this tick, or None to keep the stored one.
+
+    The stored best is the lowest best price seen so far. The first ranking sets it
+    without an alert, and each lower one replaces it (and fires "new-best").
+    """
+    if snapshot.hostnodes is None:
+        return None
+    offers = rank_hostnodes(snapshot.hostnodes, rule.match, ports_needed(rule))
+    if not offers:
+        return None
+    price = round(offers[0].price_usd_per_hour, PRICE_DECIMALS)
+    if state.best_price_usd is not None and price >= round(state.best_price_usd, PRICE_DECIMALS):
+        return None
+    return price
+
+
+def ports_needed(rule: CheapestHostnodeRule) -> int:
+    """Free external ports a hostnode needs: one per forwarded port when deploying, else one."""
+    if rule.deploy is not None and rule.deploy.enabled:
+        return max(1, len(rule.deploy.internal_ports))
+    return 1
+
+
+def _no_offers(
+    rule: CheapestHostnodeRule, snapshot: MarketSnapshot, state: RuleState
+) -> list[Decision]:
+    assert snapshot.hostnodes is not None
+    rejections = count_rejections(snapshot.hostnodes, rule.match, ports_needed(rule))
+    decisions: list[Decision] = [
+        Report(
+            rule=rule.name,
+            subject=SUBJECT_MARKET,
+            summary=(
+                f"No hostnode can host {_describe_spec(rule)} "
+                f"({len(snapshot.hostnodes)} hostnodes checked)."
+            ),
+            evidence={
+                "reason": "no_offers",
+                "hostnodes_checked": len(snapshot.hostnodes),
+                "rejections": rejections,
+            },
+        )
+    ]
+    for subject in (SUBJECT_BEST, SUBJECT_NEW_BEST):
+        if subject in state.open_alerts:
+            decisions.append(
+                ResolveAlert(
+                    rule=rule.name,
+                    subject=subject,
+                    summary="No hostnode can host the spec any more.",
+                    evidence={"reason": "no_offers"},
+                )
+            )
+    return decisions
+
+
+def _threshold_alert(
+    rule: CheapestHostnodeRule, state: RuleState, offers: list[Offer]
+) -> list[Decision]:
+    threshold = rule.alert.below_usd_per_hour
+    if threshold is None:
+        return []
+
+    best = offers[0]
+    evidence = _offer_evidence(rule, offers) | {"threshold_usd_per_hour": threshold}
+    if best.price_usd_per_hour < threshold:
+        return [
+            FireAlert(
+                rule=rule.name,
+                subject=SUBJECT_BEST,
+                summary=(
+                    f"{_describe_spec(rule)} costs ${best.price_usd_per_hour:.4f}/h on "
+                    f"{best.hostnode_id} ({best.location}), under ${threshold:.4f}/h."
+                ),
+                evidence=evidence,
+            )
+        ]
+    if SUBJECT_BEST in state.open_alerts:
+        return [
+            ResolveAlert(
+                rule=rule.name,
+                subject=SUBJECT_BEST,
+                summary=(
+                    f"The best price for {_describe_spec(rule)} is "
+                    f"${best.price_usd_per_hour:.4f}/h, no longer under ${threshold:.4f}/h."
+                ),
+                evidence=evidence,
+            )
+        ]
+    return []
+
+
+def _new_best_alert(
+    rule: CheapestHostnodeRule, state: RuleState, offers: list[Offer]
+) -> list[Decision]:
+    best = offers[0]
+    price = round(best.price_usd_per_hour, PRICE_DECIMALS)
+    previous = state.best_price_usd
+    # The first ranking only sets the reference; there is nothing to compare it to.
+    if previous is None:
+        return []
+
+    previous = round(previous, PRICE_DECIMALS)
+    if rule.alert.on_new_best and price < previous:
+        return [
+            FireAlert(
+                rule=rule.name,
+                subject=SUBJECT_NEW_BEST,
+                severity=Severity.INFO,
+                summary=(
+                    f"New best price for {_describe_spec(rule)}: ${price:.4f}/h on "
+                    f"{best.hostnode_id} ({best.location}), down from ${previous:.4f}/h."
+                ),
+                evidence=_offer_evidence(rule, offers)
+                | {"best_price_usd": price, "previous_best_usd": previous},
+            )
+        ]
+    if SUBJECT_NEW_BEST in state.open_alerts and price > previous:
+        return [
+            ResolveAlert(
+                rule=rule.name,
+                subject=SUBJECT_NEW_BEST,
+                summary=(
+                    f"The best price rose to ${price:.4f}/h, above the low of ${previous:.4f}/h."
+                ),
+                evidence={"best_price_usd": price, "previous_best_usd": previous},
+            )
+        ]
+    return []
+
+
+def _deploy(
+    rule: CheapestHostnodeRule, snapshot: MarketSnapshot, state: RuleState, best: Offer
+) -> list[Decision]:
+    policy = rule.deploy
+    if policy is None or not policy.enabled:
+        return []
+    if best.price_usd_per_hour > policy.max_usd_per_hour:
+        return []
+
+    # Without the VM list the live VMs cannot be counted against max_vms, and without the
+    # balance the deploy could be the one that runs the account dry.
+    if snapshot.vms is None:
+        return [
+            unknown_data_report(rule.name, "vms", snapshot, SUBJECT_DEPLOY, "no VM was deployed")
+        ]
+    if snapshot.balance is None:
+        return [
+            unknown_data_report(
+                rule.name, "balance", snapshot, SUBJECT_DEPLOY, "no VM was deployed"
+            )
+        ]
+
+    # Every stored id counts, even one missing from this tick's VM list: a VM deployed a
+    # moment ago may not be listed yet, and counting it too often only defers a deploy.
+    deployed = len(state.deployed_vm_ids)
+    if deployed >= policy.max_vms:
+        return []
+    return [_make_deploy(rule, policy, best, deployed)]
+
+
+def _make_deploy(
+    rule: CheapestHostnodeRule, policy: DeployPolicy, best: Offer, deployed: int
+) -> Deploy:
+    sizing = best.sizing
+    vm_name = policy.name_template.replace("{rule}", rule.name).replace("{n}", str(deployed + 1))
+    return Deploy(
+        rule=rule.name,
+        subject=best.hostnode_id,
+        summary=(
+            f"Deploy {vm_name}: {sizing.gpu_count}x {sizing.gpu_model}, {sizing.vcpus} vCPUs, "
+            f"{sizing.ram_gb} GB RAM, {sizing.storage_gb} GB storage on {best.hostnode_id} "
+            f"({best.location}) at ${best.price_usd_per_hour:.4f}/h "
+            f"(cap ${policy.max_usd_per_hour:.4f}/h, VM {deployed + 1} of {policy.max_vms})."
+        ),
+        evidence={
+            "offer": best.to_evidence(),
+            "deployed_vms": deployed,
+            "max_vms": policy.max_vms,
+            "max_usd_per_hour": policy.max_usd_per_hour,
+        },
+        hostnode_id=best.hostnode_id,
+        gpu_model=sizing.gpu_model,
+        gpu_count=sizing.gpu_count,
+        vcpus=sizing.vcpus,
+        ram_gb=sizing.ram_gb,
+        storage_gb=sizing.storage_gb,
+        price_usd_per_hour=best.price_usd_per_hour,
+        vm_name=vm_name,
+        operating_system=policy.operating_system,
+        internal_ports=tuple(policy.internal_ports),
+        ssh_public_key=policy.ssh_public_key,
+        max_usd_per_hour=policy.max_usd_per_hour,
+        max_vms=policy.max_vms,
+        confirm=policy.confirm,
+    )
+
+
+def _offer_evidence(rule: CheapestHostnodeRule, offers: list[Offer]) -> dict[str, Any]:
+    best = offers[0]
+    return {
+        "hostnode_id": best.hostnode_id,
+        "location": best.location,
+        "gpu_model": best.gpu_model,
+        "price_usd_per_hour": best.price_usd_per_hour,
+        "price": best.price.to_evidence(),
+        "top": [offer.to_evidence() for offer in offers[: rule.top]],
+        "offers": len(offers),
+    }
+
+
+def _describe_spec(rule: CheapestHostnodeRule) -> str:
+    spec = rule.match
+    models = " or ".join(spec.gpu)
+    return (
+        f"{spec.gpu_count}x {models} with {spec.vcpus} vCPUs, {spec.ram_gb} GB RAM "
+        f"and {spec.storage_gb} GB storage"
+    )
