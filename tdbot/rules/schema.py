@@ -39,7 +39,7 @@ def parse_duration(value: Any) -> timedelta:
     """Parse "90s", "10m", "1h30m" or "2d" into a timedelta; a bare number is rejected."""
     if isinstance(value, timedelta):
         return value
-    if isinstance(value, int | float):
+    if isinstance(value, int | float) and not isinstance(value, bool):
         raise ValueError(
             f"{value!r} has no unit; write a duration such as '{value}m' or '{value}s'"
         )
@@ -125,7 +125,7 @@ class RuleBase(Strict):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not RULE_NAME.match(value):
+        if not RULE_NAME.fullmatch(value):
             raise ValueError(
                 f"{value!r} is not a valid rule name; use 1 to 63 lowercase letters, "
                 "digits, '-' or '_', starting with a letter or digit"
