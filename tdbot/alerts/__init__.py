@@ -1,0 +1,1 @@
+"""Alert state: open on the first fire, repeat at an interval, resolve with a duration."""
