@@ -1,0 +1,226 @@
+"""Deploying a VM: fresh ports and price, one deploy call, and a search by name when the
+response is lost.
+
+The deploy endpoint has no idempotency key, so a deploy whose response was lost is
+never sent again. The VM is looked for by its intended name instead; if it does not
+show up, the action stays `unknown` for a person or the next reconciliation to settle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+from tdbot.actions.journal import JournalEntry
+from tdbot.actions.outcome import ActionOutcome, OutcomeStatus
+from tdbot.actions.readback import read_back
+from tdbot.evaluation.model import Deploy
+from tdbot.evaluation.pricing import Sizing, full_price, round_up_to_even
+from tdbot.store.db import Store
+from tdbot.store.tables import ActionState
+from tdbot.tensordock.client import TensorDockClient
+from tdbot.tensordock.errors import MalformedResponseError, TensorDockError, TransportError
+from tdbot.tensordock.models import Hostnode, VirtualMachine, VmStatus
+from tdbot.tensordock.requests import DeployRequest
+
+logger = logging.getLogger("tdbot.actions.deploying")
+
+HOSTNODE_ENDPOINT = "client/deploy/hostnodes"
+DEPLOY_ENDPOINT = "client/deploy/single"
+LIST_ENDPOINT = "client/list"
+
+
+def pick_ports(free_ports: list[int], count: int) -> list[int] | None:
+    """Pick `count` free external ports, highest first, or None when too few are free.
+
+    High ports are taken because they are the least likely to be reserved for
+    well-known services on the host's public address.
+    """
+    distinct = sorted(set(free_ports), reverse=True)
+    if count < 1 or len(distinct) < count:
+        return None
+    return distinct[:count]
+
+
+def find_by_name(vms: dict[str, VirtualMachine], name: str) -> VirtualMachine | None:
+    """Return the newest non-terminated VM with this name, if any."""
+    matches = [
+        vm for vm in vms.values() if vm.name == name and vm.status is not VmStatus.TERMINATED
+    ]
+    return matches[-1] if matches else None
+
+
+class DeployRunner:
+    """Carry out one Deploy whose intent row is already committed."""
+
+    def __init__(
+        self,
+        client: TensorDockClient,
+        store: Store,
+        *,
+        verify_attempts: int,
+        verify_interval_seconds: float,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.verify_attempts = verify_attempts
+        self.verify_interval_seconds = verify_interval_seconds
+
+    async def run(self, rule: str, decision: Deploy, entry: JournalEntry) -> ActionOutcome:
+        """Read the hostnode, deploy once, and verify the VM; see the module docstring."""
+        # 1. Ports and prices change by the minute, so read the hostnode right before.
+        hostnode_id = decision.hostnode_id
+        try:
+            hostnode = await self.client.get_hostnode(hostnode_id)
+        except TensorDockError as error:
+            entry.note(HOSTNODE_ENDPOINT, None, f"{type(error).__name__}: {error}")
+            return await self._fail(
+                decision, entry, f"hostnode {hostnode_id} could not be read: {error}"
+            )
+        entry.note(HOSTNODE_ENDPOINT, None, "ok")
+
+        # 2. Build the request from the fresh data, or stop before anything is sent.
+        request_or_reason = self._build_request(decision, hostnode)
+        if isinstance(request_or_reason, str):
+            return await self._fail(decision, entry, request_or_reason)
+        request = request_or_reason
+
+        # 3. Send the deploy once: neither this runner nor the client resends it.
+        ports = {"external_ports": request.external_ports, "vcpus": request.vcpus}
+        await entry.mark(ActionState.SENT, result=ports)
+        try:
+            result = await self.client.deploy_vm(request)
+        except (TransportError, MalformedResponseError) as error:
+            # The VM may exist even though no readable response came back.
+            entry.note(DEPLOY_ENDPOINT, None, f"response lost: {type(error).__name__}: {error}")
+            await entry.mark(ActionState.UNKNOWN, error=f"deploy response lost: {error}")
+            return await self._find_lost_deploy(rule, decision, entry)
+        except TensorDockError as error:
+            entry.note(DEPLOY_ENDPOINT, None, f"{type(error).__name__}: {error}")
+            return await self._fail(
+                decision, entry, f"deploy of {decision.vm_name} failed: {error}"
+            )
+        entry.note(DEPLOY_ENDPOINT, result.server, "ok")
+
+        # 4. Count the VM against the rule's cap at once, then read it back.
+        vm_id = result.server
+        await self.store.add_deployed_vm(rule, vm_id)
+        deployed = {"vm_id": vm_id, "ip": result.ip, "port_forwards": result.port_forwards}
+        await entry.mark(ActionState.SENT, vm_id=vm_id, result=deployed)
+        return await self._verify(decision, entry, vm_id)
+
+    def _build_request(self, decision: Deploy, hostnode: Hostnode) -> DeployRequest | str:
+        """Return the deploy request, or the reason it must not be sent."""
+        needed = len(decision.internal_ports)
+        ports = pick_ports(hostnode.networking.ports, needed)
+        if ports is None:
+            return (
+                f"no free ports: hostnode {hostnode.id} has {len(set(hostnode.networking.ports))} "
+                f"free external ports and the deploy needs {needed}; nothing was deployed"
+            )
+
+        # The API rejects odd vCPU counts.
+        vcpus = max(2, round_up_to_even(decision.vcpus))
+        sizing = Sizing(
+            gpu_model=decision.gpu_model,
+            gpu_count=decision.gpu_count,
+            vcpus=vcpus,
+            ram_gb=decision.ram_gb,
+            storage_gb=decision.storage_gb,
+        )
+        if decision.gpu_model not in hostnode.specs.gpu:
+            return (
+                f"hostnode {hostnode.id} no longer offers {decision.gpu_model}; "
+                "nothing was deployed"
+            )
+        price = full_price(hostnode, sizing).total_usd
+        if price > decision.max_usd_per_hour:
+            return (
+                f"the price on hostnode {hostnode.id} is now ${price:.4f}/h, above the cap "
+                f"${decision.max_usd_per_hour:.4f}/h; nothing was deployed"
+            )
+
+        return DeployRequest(
+            name=decision.vm_name,
+            hostnode_id=hostnode.id,
+            gpu_model=decision.gpu_model,
+            gpu_count=decision.gpu_count,
+            vcpus=vcpus,
+            ram_gb=decision.ram_gb,
+            storage_gb=decision.storage_gb,
+            operating_system=decision.operating_system,
+            external_ports=ports,
+            internal_ports=list(decision.internal_ports),
+            # The API requires a password; this one is random, never stored or logged,
+            # and log-in is meant to go through the SSH key.
+            password=secrets.token_urlsafe(24),
+            ssh_public_key=decision.ssh_public_key,
+        )
+
+    async def _verify(self, decision: Deploy, entry: JournalEntry, vm_id: str) -> ActionOutcome:
+        checked = await read_back(
+            self.client,
+            entry,
+            vm_id,
+            (VmStatus.RUNNING,),
+            attempts=self.verify_attempts,
+            interval_seconds=self.verify_interval_seconds,
+        )
+        if checked.reached:
+            await entry.mark(ActionState.VERIFIED, result={"status": VmStatus.RUNNING.value})
+            message = f"deployed {decision.vm_name} as VM {vm_id}, Running"
+            return ActionOutcome(decision, entry.action_id, OutcomeStatus.DONE, message)
+
+        message = f"deployed {decision.vm_name}, but {checked.describe(vm_id, (VmStatus.RUNNING,))}"
+        if checked.vm is None:
+            await entry.mark(ActionState.UNKNOWN, error=message)
+            return ActionOutcome(decision, entry.action_id, OutcomeStatus.UNKNOWN, message)
+        return await self._fail(decision, entry, message)
+
+    async def _find_lost_deploy(
+        self, rule: str, decision: Deploy, entry: JournalEntry
+    ) -> ActionOutcome:
+        """Look for the VM by its intended name, polling as the read-back does."""
+        last_error = "no VM of that name is listed"
+        for check in range(1, self.verify_attempts + 1):
+            try:
+                vms = await self.client.list_vms()
+            except TensorDockError as error:
+                entry.note(LIST_ENDPOINT, None, f"{type(error).__name__}: {error}")
+                last_error = f"the VM list failed to load: {error}"
+            else:
+                found = find_by_name(vms, decision.vm_name)
+                entry.note(
+                    LIST_ENDPOINT, found.id if found else None, "found" if found else "absent"
+                )
+                if found is not None:
+                    return await self._found(rule, decision, entry, found)
+            if check < self.verify_attempts:
+                await asyncio.sleep(self.verify_interval_seconds)
+
+        message = (
+            f"the deploy response was lost and {last_error} for {decision.vm_name}; the deploy "
+            "is not sent again, so check the account before deploying by hand"
+        )
+        await entry.mark(ActionState.UNKNOWN, error=message)
+        logger.warning("action %d has an unknown outcome: %s", entry.action_id, message)
+        return ActionOutcome(decision, entry.action_id, OutcomeStatus.UNKNOWN, message)
+
+    async def _found(
+        self, rule: str, decision: Deploy, entry: JournalEntry, vm: VirtualMachine
+    ) -> ActionOutcome:
+        await self.store.add_deployed_vm(rule, vm.id)
+        await entry.mark(
+            ActionState.VERIFIED, vm_id=vm.id, result={"vm_id": vm.id, "status": vm.status.value}
+        )
+        message = (
+            f"the deploy response was lost, but VM {decision.vm_name} exists as {vm.id} "
+            f"({vm.status.value})"
+        )
+        return ActionOutcome(decision, entry.action_id, OutcomeStatus.DONE, message)
+
+    async def _fail(self, decision: Deploy, entry: JournalEntry, message: str) -> ActionOutcome:
+        await entry.mark(ActionState.FAILED, error=message)
+        logger.warning("action %d failed: %s", entry.action_id, message)
+        return ActionOutcome(decision, entry.action_id, OutcomeStatus.FAILED, message)

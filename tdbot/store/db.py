@@ -1,0 +1,670 @@
+"""The Store: tdbot's state on SQLite (default) or PostgreSQL through one async engine.
+
+Each method opens a short session and commits before it returns, so a row written
+by `record_intent` is durable before the caller sends the API call it describes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import ColumnElement, Engine, delete, event, func, update
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlmodel import SQLModel, col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel.sql.expression import SelectOfScalar
+
+from tdbot.evaluation.model import (
+    Decision,
+    IdleSample,
+    IdleWarningState,
+    LadderState,
+    MarketSnapshot,
+    RuleState,
+)
+from tdbot.store import codec
+from tdbot.store.tables import (
+    UNFINISHED_STATES,
+    ActionRecord,
+    ActionState,
+    AlertRecord,
+    AlertState,
+    DecisionRecord,
+    IdleSampleRecord,
+    PriceSnapshot,
+    RuleRun,
+    RuleStateRecord,
+    VmObservation,
+    utc_now,
+)
+
+logger = logging.getLogger("tdbot.store")
+
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+# Keys of RuleStateRecord rows. Per-VM entries append ":<vm id>".
+KEY_BEST_PRICE = "best_price_usd"
+KEY_PAUSED_UNTIL = "paused_until"
+PREFIX_LADDER = "ladder:"
+PREFIX_IDLE_WARNING = "idle_warning:"
+PREFIX_RUNNING_SINCE = "running_since:"
+PREFIX_DEPLOYED = "deployed:"
+
+
+def database_url(url_or_path: str | Path) -> URL:
+    """Turn a plain file path into a SQLite URL; pass real URLs through unchanged."""
+    text = str(url_or_path)
+    if "://" in text:
+        return make_url(text)
+    path = Path(text).expanduser().resolve()
+    return make_url(f"sqlite+aiosqlite:///{path}")
+
+
+def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the bot read while the scheduler writes; the busy timeout makes a second
+    # writer wait instead of failing with "database is locked".
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class Store:
+    """Async access to every table; open with `await Store.open(url_or_path)`."""
+
+    def __init__(self, engine: AsyncEngine, *, clock: Callable[[], datetime] = utc_now) -> None:
+        self.engine = engine
+        self._clock = clock
+        self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+
+    @classmethod
+    async def open(
+        cls, url_or_path: str | Path, *, clock: Callable[[], datetime] = utc_now
+    ) -> Store:
+        """Connect, create the database folder and the tables if missing, and return a Store."""
+        url = database_url(url_or_path)
+        is_sqlite = url.get_backend_name() == "sqlite"
+        if is_sqlite and url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+
+        engine = create_async_engine(url, json_serializer=codec.dumps, pool_pre_ping=not is_sqlite)
+        if is_sqlite:
+            sync_engine: Engine = engine.sync_engine
+            event.listen(sync_engine, "connect", _set_sqlite_pragmas)
+
+        async with engine.begin() as connection:
+            await connection.run_sync(SQLModel.metadata.create_all)
+        logger.info("store opened: %s", url.render_as_string(hide_password=True))
+        return cls(engine, clock=clock)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    # --- rule runs and decisions -------------------------------------------------
+
+    async def start_run(self, rule: str) -> int:
+        async with self._sessions() as session:
+            run = RuleRun(rule=rule, started_at=self.now())
+            session.add(run)
+            await session.commit()
+            return _id(run.id)
+
+    async def finish_run(
+        self, run_id: int, ok: bool, error: str | None, decisions: Sequence[Decision]
+    ) -> None:
+        """Close a run and store the decisions it made."""
+        now = self.now()
+        async with self._sessions() as session:
+            run = await session.get(RuleRun, run_id)
+            if run is None:
+                raise LookupError(f"rule run {run_id} not found")
+            run.finished_at = now
+            run.ok = ok
+            run.error = error
+            run.decision_count = len(decisions)
+            session.add(run)
+            for decision in decisions:
+                session.add(_decision_record(run_id, decision, now))
+            await session.commit()
+
+    async def recent_decisions(
+        self, *, rule: str | None = None, limit: int = 50
+    ) -> list[DecisionRecord]:
+        query = select(DecisionRecord).order_by(col(DecisionRecord.id).desc()).limit(limit)
+        if rule is not None:
+            query = query.where(DecisionRecord.rule == rule)
+        async with self._sessions() as session:
+            return list((await session.exec(query)).all())
+
+    # --- rule state --------------------------------------------------------------
+
+    async def load_rule_state(
+        self, rule: str, *, idle_lookback: timedelta | None = None, now: datetime | None = None
+    ) -> RuleState:
+        """Collect what earlier runs of `rule` stored, with idle samples of the last lookback."""
+        async with self._sessions() as session:
+            rows = (
+                await session.exec(select(RuleStateRecord).where(RuleStateRecord.rule == rule))
+            ).all()
+            open_alerts = (
+                await session.exec(
+                    select(AlertRecord.subject).where(
+                        AlertRecord.rule == rule, AlertRecord.state == AlertState.FIRING.value
+                    )
+                )
+            ).all()
+
+        samples: dict[str, list[IdleSample]] = {}
+        if idle_lookback is not None:
+            samples = await self.idle_samples(since=(now or self.now()) - idle_lookback)
+        return _rule_state_from_rows(rows, frozenset(open_alerts), samples)
+
+    async def save_best_price(self, rule: str, price_usd_per_hour: float | None) -> None:
+        await self._put_state(rule, KEY_BEST_PRICE, price_usd_per_hour)
+
+    async def save_ladder(self, rule: str, vm_id: str, ladder: LadderState | None) -> None:
+        value = None if ladder is None else codec.encode_ladder(ladder)
+        await self._put_state(rule, PREFIX_LADDER + vm_id, value)
+
+    async def save_idle_warning(
+        self, rule: str, vm_id: str, warning: IdleWarningState | None
+    ) -> None:
+        value = None if warning is None else codec.encode_idle_warning(warning)
+        await self._put_state(rule, PREFIX_IDLE_WARNING + vm_id, value)
+
+    async def set_running_since(self, rule: str, vm_id: str, since: datetime | None) -> None:
+        value = None if since is None else codec.encode_time(since)
+        await self._put_state(rule, PREFIX_RUNNING_SINCE + vm_id, value)
+
+    async def add_deployed_vm(self, rule: str, vm_id: str) -> None:
+        await self._put_state(rule, PREFIX_DEPLOYED + vm_id, codec.encode_time(self.now()))
+
+    async def remove_deployed_vm(self, rule: str, vm_id: str) -> None:
+        await self._put_state(rule, PREFIX_DEPLOYED + vm_id, None)
+
+    async def deployed_vm_ids(self, rule: str) -> frozenset[str]:
+        """Ids of every VM this rule deployed and that has not been removed from the list."""
+        query = select(RuleStateRecord.key).where(
+            RuleStateRecord.rule == rule, col(RuleStateRecord.key).startswith(PREFIX_DEPLOYED)
+        )
+        async with self._sessions() as session:
+            keys = (await session.exec(query)).all()
+        return frozenset(key.removeprefix(PREFIX_DEPLOYED) for key in keys)
+
+    async def set_paused_until(self, rule: str, until: datetime | None) -> None:
+        await self._put_state(
+            rule, KEY_PAUSED_UNTIL, None if until is None else codec.encode_time(until)
+        )
+
+    async def paused_until(self, rule: str) -> datetime | None:
+        value = await self._get_state(rule, KEY_PAUSED_UNTIL)
+        return None if value is None else codec.decode_time(value)
+
+    async def _get_state(self, rule: str, key: str) -> Any:
+        query = select(RuleStateRecord).where(
+            RuleStateRecord.rule == rule, RuleStateRecord.key == key
+        )
+        async with self._sessions() as session:
+            row = (await session.exec(query)).first()
+        return None if row is None else row.value
+
+    async def _put_state(self, rule: str, key: str, value: Any) -> None:
+        """Write one state entry; None deletes it, so absent and cleared read the same."""
+        query = select(RuleStateRecord).where(
+            RuleStateRecord.rule == rule, RuleStateRecord.key == key
+        )
+        async with self._sessions() as session:
+            row = (await session.exec(query)).first()
+            if value is None:
+                if row is not None:
+                    await session.delete(row)
+            elif row is None:
+                session.add(RuleStateRecord(rule=rule, key=key, value=value, updated_at=self.now()))
+            else:
+                row.value = value
+                row.updated_at = self.now()
+                session.add(row)
+            await session.commit()
+
+    # --- idle samples ------------------------------------------------------------
+
+    async def add_idle_sample(self, sample: IdleSample) -> None:
+        async with self._sessions() as session:
+            session.add(
+                IdleSampleRecord(
+                    vm_id=sample.vm_id,
+                    at=sample.at,
+                    gpu_util_percent=sample.gpu_util_percent,
+                    gpu_memory_mb=sample.gpu_memory_mb,
+                    cpu_load=sample.cpu_load,
+                    network_kbps=sample.network_kbps,
+                    source=sample.source,
+                    error=sample.error,
+                )
+            )
+            await session.commit()
+
+    async def idle_samples(
+        self, *, since: datetime, vm_ids: Iterable[str] | None = None
+    ) -> dict[str, list[IdleSample]]:
+        """Samples taken at or after `since`, per VM and oldest first."""
+        query = (
+            select(IdleSampleRecord)
+            .where(IdleSampleRecord.at >= since)
+            .order_by(col(IdleSampleRecord.vm_id), col(IdleSampleRecord.at))
+        )
+        if vm_ids is not None:
+            query = query.where(col(IdleSampleRecord.vm_id).in_(list(vm_ids)))
+        async with self._sessions() as session:
+            rows = (await session.exec(query)).all()
+
+        samples: dict[str, list[IdleSample]] = {}
+        for row in rows:
+            samples.setdefault(row.vm_id, []).append(_idle_sample(row))
+        return samples
+
+    async def prune_idle_samples(self, *, older_than: datetime) -> int:
+        """Delete samples taken before `older_than`; returns how many were deleted."""
+        async with self._sessions() as session:
+            result = await session.exec(
+                delete(IdleSampleRecord).where(col(IdleSampleRecord.at) < older_than)
+            )
+            await session.commit()
+            return int(result.rowcount or 0)
+
+    # --- observations and prices -------------------------------------------------
+
+    async def record_observations(self, snapshot: MarketSnapshot) -> int:
+        """Store each VM whose status, name or cost changed since its last observation."""
+        if snapshot.vms is None:
+            return 0
+        latest_ids = select(func.max(VmObservation.id)).group_by(col(VmObservation.vm_id))
+        async with self._sessions() as session:
+            previous = {
+                row.vm_id: row
+                for row in (
+                    await session.exec(
+                        select(VmObservation).where(col(VmObservation.id).in_(latest_ids))
+                    )
+                ).all()
+            }
+            added = 0
+            for vm in snapshot.vms.values():
+                observation = VmObservation(
+                    vm_id=vm.id,
+                    observed_at=snapshot.taken_at,
+                    status=vm.status.value,
+                    name=vm.name,
+                    hourly_cost_usd=vm.hourly_cost,
+                    spot_bid_usd=vm.spot_bid,
+                )
+                if _observation_changed(previous.get(vm.id), observation):
+                    session.add(observation)
+                    added += 1
+            await session.commit()
+        return added
+
+    async def record_prices(self, snapshot: MarketSnapshot) -> int:
+        """Store each (hostnode, GPU model) price whose value or availability changed.
+
+        A pair that was available before and is missing from this snapshot gets a row
+        marked unavailable, so the history shows when it went away.
+        """
+        if snapshot.hostnodes is None:
+            return 0
+        current = _current_prices(snapshot)
+        latest_ids = select(func.max(PriceSnapshot.id)).group_by(
+            col(PriceSnapshot.hostnode_id), col(PriceSnapshot.gpu_model)
+        )
+        async with self._sessions() as session:
+            previous = {
+                (row.hostnode_id, row.gpu_model): row
+                for row in (
+                    await session.exec(
+                        select(PriceSnapshot).where(col(PriceSnapshot.id).in_(latest_ids))
+                    )
+                ).all()
+            }
+            for key, row in previous.items():
+                if key not in current and row.available:
+                    current[key] = (row.usd_per_gpu_hour, False)
+
+            added = 0
+            for (hostnode_id, gpu_model), (price, available) in current.items():
+                last = previous.get((hostnode_id, gpu_model))
+                if (
+                    last is not None
+                    and last.usd_per_gpu_hour == price
+                    and last.available == available
+                ):
+                    continue
+                session.add(
+                    PriceSnapshot(
+                        taken_at=snapshot.taken_at,
+                        hostnode_id=hostnode_id,
+                        gpu_model=gpu_model,
+                        usd_per_gpu_hour=price,
+                        available=available,
+                    )
+                )
+                added += 1
+            await session.commit()
+        return added
+
+    async def price_history(
+        self, gpu_model: str, *, since: datetime, until: datetime | None = None
+    ) -> list[PriceSnapshot]:
+        query = (
+            select(PriceSnapshot)
+            .where(PriceSnapshot.gpu_model == gpu_model, PriceSnapshot.taken_at >= since)
+            .order_by(col(PriceSnapshot.taken_at))
+        )
+        if until is not None:
+            query = query.where(PriceSnapshot.taken_at < until)
+        async with self._sessions() as session:
+            return list((await session.exec(query)).all())
+
+    # --- alerts ------------------------------------------------------------------
+
+    async def get_open_alert(self, rule: str, subject: str) -> AlertRecord | None:
+        async with self._sessions() as session:
+            return (await session.exec(_open_alert_query(rule, subject))).first()
+
+    async def upsert_alert(
+        self,
+        rule: str,
+        subject: str,
+        *,
+        severity: str,
+        message: str,
+        now: datetime | None = None,
+    ) -> AlertRecord:
+        """Open the alert (rule, subject), or update the severity and message of the open one."""
+        now = now or self.now()
+        async with self._sessions() as session:
+            alert = (await session.exec(_open_alert_query(rule, subject))).first()
+            if alert is None:
+                alert = AlertRecord(
+                    rule=rule,
+                    subject=subject,
+                    severity=severity,
+                    message=message,
+                    first_fired_at=now,
+                )
+            else:
+                alert.severity = severity
+                alert.message = message
+            session.add(alert)
+            await session.commit()
+            return alert
+
+    async def resolve_alert(
+        self, rule: str, subject: str, *, now: datetime | None = None
+    ) -> AlertRecord | None:
+        """Close the open alert (rule, subject); returns it, or None if none was open."""
+        async with self._sessions() as session:
+            alert = (await session.exec(_open_alert_query(rule, subject))).first()
+            if alert is None:
+                return None
+            alert.state = AlertState.RESOLVED.value
+            alert.resolved_at = now or self.now()
+            session.add(alert)
+            await session.commit()
+            return alert
+
+    async def silence_alert(
+        self, rule: str, subject: str, until: datetime | None
+    ) -> AlertRecord | None:
+        """Silence the open alert (rule, subject) until a time; None lifts the silence."""
+        async with self._sessions() as session:
+            alert = (await session.exec(_open_alert_query(rule, subject))).first()
+            if alert is None:
+                return None
+            alert.silenced_until = until
+            session.add(alert)
+            await session.commit()
+            return alert
+
+    async def claim_alert_send(
+        self, alert_id: int, *, repeat_every: timedelta | None, now: datetime | None = None
+    ) -> bool:
+        """Claim the right to send a firing alert now, atomically.
+
+        Succeeds for a firing, unsilenced alert never sent, or last sent at least
+        `repeat_every` ago (None: only the first send). Two claimers never both win,
+        because the check and the write are one conditional UPDATE.
+        """
+        now = now or self.now()
+        due: ColumnElement[bool] = col(AlertRecord.last_sent_at).is_(None)
+        if repeat_every is not None:
+            due = due | (col(AlertRecord.last_sent_at) <= now - repeat_every)
+        statement = (
+            update(AlertRecord)
+            .where(
+                col(AlertRecord.id) == alert_id,
+                col(AlertRecord.state) == AlertState.FIRING.value,
+                col(AlertRecord.silenced_until).is_(None)
+                | (col(AlertRecord.silenced_until) <= now),
+                due,
+            )
+            .values(last_sent_at=now)
+        )
+        async with self._sessions() as session:
+            result = await session.exec(statement)
+            await session.commit()
+            return bool(result.rowcount == 1)
+
+    async def list_alerts(
+        self, *, state: AlertState | None = None, rule: str | None = None, limit: int = 100
+    ) -> list[AlertRecord]:
+        """Alerts newest first, optionally only one state or one rule."""
+        query = select(AlertRecord).order_by(col(AlertRecord.id).desc()).limit(limit)
+        if state is not None:
+            query = query.where(AlertRecord.state == state.value)
+        if rule is not None:
+            query = query.where(AlertRecord.rule == rule)
+        async with self._sessions() as session:
+            return list((await session.exec(query)).all())
+
+    # --- intent journal ----------------------------------------------------------
+
+    async def record_intent(
+        self,
+        rule: str,
+        kind: str,
+        subject: str,
+        params: dict[str, Any],
+        *,
+        state: ActionState = ActionState.INTENT,
+        error: str | None = None,
+        vm_id: str | None = None,
+    ) -> int:
+        """Write and commit a journal row before anything is sent; returns its id.
+
+        Pass `state=DRY_RUN` or `state=BLOCKED` (with `error` saying why) for an action
+        that will never be sent.
+        """
+        now = self.now()
+        action = ActionRecord(
+            rule=rule,
+            kind=kind,
+            subject=subject,
+            vm_id=vm_id,
+            params=params,
+            state=state.value,
+            error=error,
+            created_at=now,
+            updated_at=now,
+        )
+        async with self._sessions() as session:
+            session.add(action)
+            await session.commit()
+            return _id(action.id)
+
+    async def mark_action(
+        self,
+        action_id: int,
+        state: ActionState,
+        *,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        api_call: dict[str, Any] | None = None,
+        api_calls: Sequence[dict[str, Any]] = (),
+        vm_id: str | None = None,
+    ) -> ActionRecord:
+        """Move an action to `state` and append `api_call` and `api_calls` to its call list.
+
+        `result` is merged into the stored result; the change is committed at once.
+        """
+        new_calls = [*api_calls, *([api_call] if api_call is not None else [])]
+        async with self._sessions() as session:
+            action = await session.get(ActionRecord, action_id)
+            if action is None:
+                raise LookupError(f"action {action_id} not found in the journal")
+            action.state = state.value
+            action.updated_at = self.now()
+            if error is not None:
+                action.error = error
+            if result is not None:
+                action.result = {**(action.result or {}), **result}
+            if new_calls:
+                # A new list object, so SQLAlchemy detects that the JSON column changed.
+                action.api_calls = [*action.api_calls, *new_calls]
+            if vm_id is not None:
+                action.vm_id = vm_id
+            session.add(action)
+            await session.commit()
+            return action
+
+    async def get_action(self, action_id: int) -> ActionRecord | None:
+        async with self._sessions() as session:
+            return await session.get(ActionRecord, action_id)
+
+    async def unfinished_actions(self) -> list[ActionRecord]:
+        """Actions in state intent, sent or unknown, oldest first."""
+        query = (
+            select(ActionRecord)
+            .where(col(ActionRecord.state).in_([state.value for state in UNFINISHED_STATES]))
+            .order_by(col(ActionRecord.id))
+        )
+        async with self._sessions() as session:
+            return list((await session.exec(query)).all())
+
+    async def recent_actions(
+        self, *, rule: str | None = None, limit: int = 50
+    ) -> list[ActionRecord]:
+        """Journal rows newest first, optionally of one rule."""
+        query = select(ActionRecord).order_by(col(ActionRecord.id).desc()).limit(limit)
+        if rule is not None:
+            query = query.where(ActionRecord.rule == rule)
+        async with self._sessions() as session:
+            return list((await session.exec(query)).all())
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _id(value: int | None) -> int:
+    if value is None:
+        raise RuntimeError("the database assigned no primary key")
+    return value
+
+
+def _decision_record(run_id: int, decision: Decision, now: datetime) -> DecisionRecord:
+    return DecisionRecord(
+        run_id=run_id,
+        rule=decision.rule,
+        kind=type(decision).__name__,
+        subject=decision.subject,
+        summary=decision.summary,
+        evidence=decision.evidence,
+        created_at=now,
+    )
+
+
+def _open_alert_query(rule: str, subject: str) -> SelectOfScalar[AlertRecord]:
+    return select(AlertRecord).where(
+        AlertRecord.rule == rule,
+        AlertRecord.subject == subject,
+        AlertRecord.state == AlertState.FIRING.value,
+    )
+
+
+def _rule_state_from_rows(
+    rows: Sequence[RuleStateRecord],
+    open_alerts: frozenset[str],
+    samples: dict[str, list[IdleSample]],
+) -> RuleState:
+    best_price: float | None = None
+    ladders: dict[str, LadderState] = {}
+    warnings: dict[str, IdleWarningState] = {}
+    running_since: dict[str, datetime] = {}
+    deployed: set[str] = set()
+    for row in rows:
+        key = row.key
+        if key == KEY_BEST_PRICE:
+            best_price = float(row.value)
+        elif key.startswith(PREFIX_LADDER):
+            ladders[key.removeprefix(PREFIX_LADDER)] = codec.decode_ladder(row.value)
+        elif key.startswith(PREFIX_IDLE_WARNING):
+            warnings[key.removeprefix(PREFIX_IDLE_WARNING)] = codec.decode_idle_warning(row.value)
+        elif key.startswith(PREFIX_RUNNING_SINCE):
+            running_since[key.removeprefix(PREFIX_RUNNING_SINCE)] = codec.decode_time(row.value)
+        elif key.startswith(PREFIX_DEPLOYED):
+            deployed.add(key.removeprefix(PREFIX_DEPLOYED))
+
+    return RuleState(
+        open_alerts=open_alerts,
+        best_price_usd=best_price,
+        ladders=ladders,
+        idle_samples=samples,
+        idle_warnings=warnings,
+        running_since=running_since,
+        deployed_vm_ids=frozenset(deployed),
+    )
+
+
+def _idle_sample(row: IdleSampleRecord) -> IdleSample:
+    return IdleSample(
+        vm_id=row.vm_id,
+        at=row.at,
+        gpu_util_percent=row.gpu_util_percent,
+        gpu_memory_mb=row.gpu_memory_mb,
+        cpu_load=row.cpu_load,
+        network_kbps=row.network_kbps,
+        source=row.source,
+        error=row.error,
+    )
+
+
+def _observation_changed(last: VmObservation | None, new: VmObservation) -> bool:
+    if last is None:
+        return True
+    return (last.status, last.name, last.hourly_cost_usd, last.spot_bid_usd) != (
+        new.status,
+        new.name,
+        new.hourly_cost_usd,
+        new.spot_bid_usd,
+    )
+
+
+def _current_prices(snapshot: MarketSnapshot) -> dict[tuple[str, str], tuple[float, bool]]:
+    """Map (hostnode id, GPU model) to (USD per GPU-hour, deployable now)."""
+    prices: dict[tuple[str, str], tuple[float, bool]] = {}
+    for hostnode_id, hostnode in (snapshot.hostnodes or {}).items():
+        for gpu_model, offer in hostnode.specs.gpu.items():
+            prices[(hostnode_id, gpu_model)] = (
+                offer.price,
+                hostnode.available and offer.amount > 0,
+            )
+    return prices
