@@ -1,0 +1,215 @@
+"""The `tdbot` command line.
+
+Only click is imported at start, so `tdbot --help` stays instant; each command imports
+what it needs (the Telegram stack, the simulator, the database) when it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from tdbot.config import Secrets, Settings
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="TDBOT_CONFIG",
+    help="TOML configuration file (default: none, built-in defaults). Env: TDBOT_CONFIG.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tdbot")
+def main() -> None:
+    """tdbot guards a TensorDock GPU account: rules on a schedule, alerts in Telegram.
+
+    Secrets come from the environment: TDBOT_API_KEY, TDBOT_API_TOKEN,
+    TDBOT_TELEGRAM_BOT_TOKEN, TDBOT_HEARTBEAT_TOKEN (or the same names with _FILE).
+    """
+
+
+def _load(config_path: Path | None) -> tuple[Settings, Secrets]:
+    from tdbot.config import ConfigError, load_secrets, load_settings
+
+    try:
+        return load_settings(config_path), load_secrets()
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _fail_on_config_error(error: Exception) -> None:
+    raise click.ClickException(str(error)) from None
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--dry-run", is_flag=True, help="Decide and report, but send no change to the API.")
+def run(config_path: Path | None, dry_run: bool) -> None:
+    """Run the daemon until SIGTERM or SIGINT."""
+    from tdbot.config import ConfigError
+    from tdbot.daemon.runner import run_daemon
+
+    settings, secrets = _load(config_path)
+    if dry_run:
+        safety = settings.safety.model_copy(update={"dry_run": True})
+        settings = settings.model_copy(update={"safety": safety})
+    try:
+        code = asyncio.run(run_daemon(settings, secrets))
+    except ConfigError as error:
+        _fail_on_config_error(error)
+    sys.exit(code)
+
+
+@main.command()
+@CONFIG_OPTION
+def check(config_path: Path | None) -> None:
+    """Run one evaluation pass, print each rule's decisions, and change nothing."""
+    from tdbot.config import ConfigError
+    from tdbot.daemon.runner import check_once
+
+    settings, secrets = _load(config_path)
+    try:
+        code = asyncio.run(check_once(settings, secrets, sys.stdout))
+    except ConfigError as error:
+        _fail_on_config_error(error)
+    sys.exit(code)
+
+
+@main.group()
+def rules() -> None:
+    """Work with rule files."""
+
+
+@rules.command("validate")
+@click.argument(
+    "path", required=False, type=click.Path(exists=True, path_type=Path), default=Path("rules")
+)
+def rules_validate(path: Path) -> None:
+    """Validate every rule file in PATH (default: ./rules) and print each error."""
+    from tdbot.rules.loader import validate_command
+
+    sys.exit(validate_command(path, sys.stdout))
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--gpu", "gpus", multiple=True, help="GPU model id, for example h100-sxm5-80gb.")
+@click.option("--gpu-count", default=1, show_default=True, type=click.IntRange(1, 8))
+@click.option("--vcpus", default=8, show_default=True, type=click.IntRange(2))
+@click.option("--ram-gb", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--storage-gb", default=100, show_default=True, type=click.IntRange(20))
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def hostnodes(
+    config_path: Path | None,
+    gpus: tuple[str, ...],
+    gpu_count: int,
+    vcpus: int,
+    ram_gb: int,
+    storage_gb: int,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List hostnodes able to host a deployment, cheapest full price first."""
+    from tdbot.views import show_hostnodes
+
+    settings, _ = _load(config_path)
+    spec = {
+        "gpu": list(gpus),
+        "gpu_count": gpu_count,
+        "vcpus": vcpus,
+        "ram_gb": ram_gb,
+        "storage_gb": storage_gb,
+    }
+    sys.exit(asyncio.run(show_hostnodes(settings, spec, limit, as_json, sys.stdout)))
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def vms(config_path: Path | None, as_json: bool) -> None:
+    """List the account's VMs with status, spot bid and hourly cost."""
+    from tdbot.views import show_vms
+
+    settings, secrets = _load(config_path)
+    sys.exit(asyncio.run(show_vms(settings, secrets, as_json, sys.stdout)))
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def balance(config_path: Path | None, as_json: bool) -> None:
+    """Show the balance, the hourly burn rate and the runway."""
+    from tdbot.views import show_balance
+
+    settings, secrets = _load(config_path)
+    sys.exit(asyncio.run(show_balance(settings, secrets, as_json, sys.stdout)))
+
+
+@main.command()
+@click.option(
+    "--speed",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(1, 600),
+    help="Simulated seconds per real second.",
+)
+@click.option(
+    "--timeout",
+    "timeout_seconds",
+    default=150.0,
+    show_default=True,
+    type=click.FloatRange(10),
+    help="Give up after this many real seconds.",
+)
+def demo(speed: float, timeout_seconds: float) -> None:
+    """Run the daemon against a simulated account and show all four rule kinds acting.
+
+    Needs no account and no configuration. Alerts also go to Telegram when
+    TDBOT_TELEGRAM_BOT_TOKEN and TDBOT_TELEGRAM_CHAT_ID are set.
+    """
+    from tdbot.demo import run_demo
+
+    sys.exit(asyncio.run(run_demo(speed=speed, timeout_seconds=timeout_seconds)))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8700, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--marketplace",
+    "marketplace_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Hostnode list to start from (default: the packaged marketplace).",
+)
+@click.option("--api-key", envvar="TDBOT_SIM_API_KEY", help="Accepted API key (default: random).")
+@click.option(
+    "--api-token", envvar="TDBOT_SIM_API_TOKEN", help="Accepted API token (default: random)."
+)
+@click.option(
+    "--time-scale",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Simulated seconds per real second; 0 freezes the clock.",
+)
+@click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host.")
+def simulator(**options: Any) -> None:
+    """Serve a simulated TensorDock v0 API under /api/v0 for tests and experiments."""
+    from tdbot.simulator.server import run_simulator
+
+    try:
+        run_simulator(**options)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+
+
+if __name__ == "__main__":
+    main()

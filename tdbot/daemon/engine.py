@@ -1,0 +1,132 @@
+"""One tick of one rule: snapshot, stored state, evaluation, actions, alerts, record.
+
+The engine is what both `tdbot run` (on a schedule) and `tdbot check` (once, as a
+dry run) call. It never lets one rule's failure stop another rule: every error is
+logged with the rule's name, stored with the run, and the next tick tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tdbot.actions.executor import ActionExecutor
+from tdbot.actions.outcome import ActionOutcome
+from tdbot.alerts.manager import AlertManager
+from tdbot.clock import Clock
+from tdbot.daemon.snapshot import SnapshotProvider
+from tdbot.daemon.state_updates import apply_state_updates, outcome_alerts
+from tdbot.evaluation import evaluate
+from tdbot.evaluation.model import Decision, MarketSnapshot
+from tdbot.rules.schema import IdleStopRule, RuleBase
+from tdbot.store.db import Store
+
+logger = logging.getLogger("tdbot.daemon.engine")
+
+
+@dataclass
+class TickResult:
+    """What one tick of one rule decided and did."""
+
+    rule: str
+    decisions: list[Decision] = field(default_factory=list)
+    outcomes: list[ActionOutcome] = field(default_factory=list)
+    skipped: str | None = None
+    error: str | None = None
+
+
+class RuleEngine:
+    """Run rule ticks; at most one tick of the same rule runs at a time."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        snapshots: SnapshotProvider,
+        executor: ActionExecutor,
+        alerts: AlertManager | None,
+        clock: Clock,
+    ) -> None:
+        self._store = store
+        self._snapshots = snapshots
+        self._executor = executor
+        self._alerts = alerts
+        self._clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._recorded_snapshot: MarketSnapshot | None = None
+        self.last_results: dict[str, TickResult] = {}
+
+    async def run_rule(self, rule: RuleBase) -> TickResult:
+        """Run one tick of `rule`, unless it is paused or its previous tick still runs."""
+        lock = self._locks.setdefault(rule.name, asyncio.Lock())
+        if lock.locked():
+            logger.warning("rule %s skipped: its previous tick is still running", rule.name)
+            return TickResult(rule.name, skipped="previous tick still running")
+
+        async with lock:
+            paused_until = await self._store.paused_until(rule.name)
+            if paused_until is not None and paused_until > self._clock.now():
+                logger.info("rule %s is paused until %s", rule.name, paused_until.isoformat())
+                return TickResult(rule.name, skipped=f"paused until {paused_until.isoformat()}")
+            result = await self._tick(rule)
+            self.last_results[rule.name] = result
+            return result
+
+    async def _tick(self, rule: RuleBase) -> TickResult:
+        run_id = await self._store.start_run(rule.name)
+        result = TickResult(rule.name)
+        try:
+            snapshot = await self._snapshots.get()
+            await self._record_snapshot(snapshot)
+            now = self._clock.now()
+
+            # 1. Decide from the snapshot and what earlier ticks stored.
+            lookback = rule.window if isinstance(rule, IdleStopRule) else None
+            state = await self._store.load_rule_state(rule.name, idle_lookback=lookback, now=now)
+            result.decisions = evaluate(rule, snapshot, state, now)
+
+            # 2. Act within the guards, then remember what changed.
+            result.outcomes = await self._executor.execute(rule, result.decisions, snapshot, now)
+            await apply_state_updates(self._store, rule, state, snapshot, result, now)
+
+            # 3. Alert on what the rule found and on actions that failed.
+            if self._alerts is not None:
+                alert_decisions = [*result.decisions, *outcome_alerts(rule, result.outcomes)]
+                await self._alerts.handle_run(rule.name, alert_decisions, now)
+        except Exception as error:
+            # One rule's failure must never stop the daemon or the other rules.
+            logger.exception("rule %s failed in this tick", rule.name)
+            result.error = f"{type(error).__name__}: {error}"
+
+        await self._store.finish_run(run_id, result.error is None, result.error, result.decisions)
+        _log_result(result)
+        return result
+
+    async def _record_snapshot(self, snapshot: MarketSnapshot) -> None:
+        """Store VM observations and price changes once per snapshot, not once per rule."""
+        if snapshot is self._recorded_snapshot:
+            return
+        self._recorded_snapshot = snapshot
+        await self._store.record_observations(snapshot)
+        await self._store.record_prices(snapshot)
+
+
+def _log_result(result: TickResult) -> None:
+    if result.error is not None:
+        return
+    logger.info(
+        "rule %s: %d decisions, %s",
+        result.rule,
+        len(result.decisions),
+        _describe_outcomes(result.outcomes),
+    )
+
+
+def _describe_outcomes(outcomes: Sequence[ActionOutcome]) -> str:
+    if not outcomes:
+        return "no actions"
+    return ", ".join(
+        f"{type(outcome.decision).__name__} {outcome.status.value}" for outcome in outcomes
+    )

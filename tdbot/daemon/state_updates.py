@@ -1,0 +1,110 @@
+"""What a finished tick leaves behind: stored rule state and messages about actions.
+
+Evaluation is pure, so the values it needs next time (the lowest price seen, when
+each VM started running) are computed by the evaluation modules and stored here.
+Ladder steps, idle warnings and deployed VMs are stored by the executor itself,
+because they must be written even when a tick fails half-way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from tdbot.actions.outcome import ActionOutcome, OutcomeStatus
+from tdbot.evaluation.cheapest import updated_best_price
+from tdbot.evaluation.idle import running_since_updates
+from tdbot.evaluation.model import (
+    CancelIdleWarning,
+    Decision,
+    FireAlert,
+    MarketSnapshot,
+    Report,
+    ResolveAlert,
+    RuleState,
+    Severity,
+    WarnIdle,
+)
+from tdbot.rules.schema import CheapestHostnodeRule, IdleStopRule, RuleBase
+from tdbot.store.db import Store
+
+if TYPE_CHECKING:
+    from tdbot.daemon.engine import TickResult
+
+
+async def apply_state_updates(
+    store: Store,
+    rule: RuleBase,
+    state: RuleState,
+    snapshot: MarketSnapshot,
+    result: TickResult,
+    now: datetime,
+) -> None:
+    """Store the rule state that the next tick of `rule` reads."""
+    if isinstance(rule, CheapestHostnodeRule):
+        best = updated_best_price(rule, snapshot, state)
+        if best is not None:
+            await store.save_best_price(rule.name, best)
+    if isinstance(rule, IdleStopRule):
+        for vm_id, since in running_since_updates(rule, snapshot, state, now).items():
+            await store.set_running_since(rule.name, vm_id, since)
+
+
+def outcome_alerts(rule: RuleBase, outcomes: Sequence[ActionOutcome]) -> list[Decision]:
+    """Turn action outcomes into messages for the user.
+
+    Every action that was carried out, only planned (dry run) or blocked by a guard is
+    reported once. An action that failed, or whose result is unknown, opens a critical
+    alert keyed by VM and action kind, which the next successful action of that kind
+    on that VM resolves.
+    """
+    decisions: list[Decision] = []
+    for outcome in outcomes:
+        decision = outcome.decision
+        kind = type(decision).__name__.lower()
+        failure_subject = f"{decision.subject}:{kind}-failed"
+        evidence = {"action_id": outcome.action_id, "status": outcome.status.value}
+
+        if isinstance(decision, WarnIdle | CancelIdleWarning):
+            decisions.append(
+                Report(
+                    rule=rule.name,
+                    subject=decision.subject,
+                    summary=decision.summary,
+                    evidence=evidence | {"reason": kind},
+                )
+            )
+        elif outcome.status in (OutcomeStatus.FAILED, OutcomeStatus.UNKNOWN):
+            decisions.append(
+                FireAlert(
+                    rule=rule.name,
+                    subject=failure_subject,
+                    summary=outcome.message,
+                    evidence=evidence,
+                    severity=Severity.CRITICAL,
+                )
+            )
+        elif outcome.status is not OutcomeStatus.AWAITING_CONFIRMATION:
+            # A dry run or a block repeats every tick while nothing changes, so its
+            # reason leaves out the action id and the user hears of it once.
+            reason = f"{outcome.status.value}-{kind}"
+            if outcome.status is OutcomeStatus.DONE:
+                reason += f"-{outcome.action_id}"
+            decisions.append(
+                Report(
+                    rule=rule.name,
+                    subject=decision.subject,
+                    summary=outcome.message,
+                    evidence=evidence | {"reason": reason},
+                )
+            )
+        if outcome.status is OutcomeStatus.DONE:
+            decisions.append(
+                ResolveAlert(
+                    rule=rule.name,
+                    subject=failure_subject,
+                    summary=f"{kind} on {decision.subject} succeeded",
+                )
+            )
+    return decisions

@@ -1,0 +1,176 @@
+"""Market and account views for the command line: hostnodes, VMs and balance."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+
+from pydantic import ValidationError
+
+from tdbot.config import ConfigError, Secrets, Settings
+from tdbot.evaluation.burn import burn_rate, vm_hourly_cost
+from tdbot.evaluation.pricing import Offer, rank_hostnodes
+from tdbot.rules.schema import HostnodeSpec
+from tdbot.tensordock.client import TensorDockClient
+from tdbot.tensordock.errors import TensorDockError
+
+
+def _client(settings: Settings, secrets: Secrets | None) -> TensorDockClient:
+    key, token = ("", "") if secrets is None else secrets.require_api()
+    return TensorDockClient(
+        key,
+        token,
+        base_url=settings.tensordock.base_url,
+        timeout_seconds=settings.tensordock.timeout_seconds,
+        read_retries=settings.tensordock.read_retries,
+    )
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]], out: TextIO) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    Console(file=out, width=160).print(table)
+
+
+def _error(out: TextIO, error: Exception) -> int:
+    out.write(f"error: {error}\n")
+    return 1
+
+
+async def show_hostnodes(
+    settings: Settings, spec_fields: dict[str, Any], limit: int, as_json: bool, out: TextIO
+) -> int:
+    """Print the cheapest hostnodes for a spec; the hostnode list needs no credentials."""
+    try:
+        if not spec_fields["gpu"]:
+            raise ValueError("give at least one --gpu, for example --gpu geforcertx4090-pcie-24gb")
+        spec = HostnodeSpec.model_validate(spec_fields)
+        async with _client(settings, None) as client:
+            offers = rank_hostnodes(await client.list_hostnodes(), spec)[:limit]
+    except (ValueError, ValidationError, TensorDockError) as error:
+        return _error(out, error)
+
+    if as_json:
+        out.write(json.dumps([_offer_json(offer) for offer in offers], indent=2) + "\n")
+        return 0
+    rows = [
+        [
+            offer.hostnode_id,
+            offer.sizing.gpu_model,
+            f"{offer.price.total_usd:.4f}",
+            f"{offer.price.gpu_usd:.4f}",
+            f"{offer.price.cpu_usd:.4f}",
+            f"{offer.price.ram_usd:.4f}",
+            f"{offer.price.storage_usd:.4f}",
+            str(len(offer.free_ports)),
+            offer.location,
+            "?" if offer.uptime_percent is None else f"{offer.uptime_percent:.2f}%",
+        ]
+        for offer in offers
+    ]
+    columns = ["hostnode", "GPU", "$/h", "GPU $", "CPU $", "RAM $", "disk $", "ports"]
+    _table(f"{len(offers)} cheapest hostnodes", [*columns, "location", "uptime"], rows, out)
+    return 0
+
+
+def _offer_json(offer: Offer) -> dict[str, Any]:
+    return {
+        "hostnode_id": offer.hostnode_id,
+        "gpu_model": offer.sizing.gpu_model,
+        "gpu_count": offer.sizing.gpu_count,
+        "vcpus": offer.sizing.vcpus,
+        "ram_gb": offer.sizing.ram_gb,
+        "storage_gb": offer.sizing.storage_gb,
+        "price": offer.price.to_evidence(),
+        "free_ports": len(offer.free_ports),
+        "location": offer.location,
+        "uptime_percent": offer.uptime_percent,
+    }
+
+
+async def show_vms(settings: Settings, secrets: Secrets, as_json: bool, out: TextIO) -> int:
+    """Print the account's VMs with their status, spot bid and hourly cost."""
+    try:
+        async with _client(settings, secrets) as client:
+            vms = await client.list_vms()
+    except (ConfigError, TensorDockError) as error:
+        return _error(out, error)
+
+    records = []
+    for vm in sorted(vms.values(), key=lambda vm: vm.name):
+        cost, estimated = vm_hourly_cost(vm, None)
+        records.append(
+            {
+                "id": vm.id,
+                "name": vm.name,
+                "status": vm.status.value,
+                "type": "spot" if vm.is_spot else "on-demand",
+                "gpu": f"{vm.specs.gpu.amount}x {vm.specs.gpu.type or '?'}",
+                "spot_bid_usd_per_hour": vm.spot_bid,
+                "hourly_cost_usd": cost,
+                "hourly_cost_estimated": estimated,
+            }
+        )
+    if as_json:
+        out.write(json.dumps(records, indent=2) + "\n")
+        return 0
+    rows = [_vm_row(record) for record in records]
+    columns = ["name", "id", "status", "type", "GPU", "spot bid $/h", "cost $/h"]
+    _table(f"{len(records)} VMs", columns, rows, out)
+    return 0
+
+
+def _vm_row(record: dict[str, Any]) -> list[str]:
+    bid = record["spot_bid_usd_per_hour"]
+    cost = f"{record['hourly_cost_usd']:.4f}"
+    if record["hourly_cost_estimated"]:
+        cost += " (est.)"
+    return [
+        str(record["name"]),
+        str(record["id"]),
+        str(record["status"]),
+        str(record["type"]),
+        str(record["gpu"]),
+        "-" if bid is None else f"{bid:.4f}",
+        cost,
+    ]
+
+
+async def show_balance(settings: Settings, secrets: Secrets, as_json: bool, out: TextIO) -> int:
+    """Print the balance, the burn rate reported by the API and by the VM list, and the runway."""
+    try:
+        async with _client(settings, secrets) as client:
+            balance = await client.get_balance()
+            vms = await client.list_vms()
+    except (ConfigError, TensorDockError) as error:
+        return _error(out, error)
+
+    vm_burn, estimated = burn_rate(vms, None)
+    runway = balance.runway_hours
+    runs_out = None if runway is None else datetime.now(UTC) + timedelta(hours=runway)
+    record = {
+        "balance_usd": balance.balance,
+        "hourly_cost_usd": balance.hourly_cost,
+        "vm_hourly_cost_usd": vm_burn,
+        "vm_hourly_cost_estimated": estimated,
+        "runway_hours": None if runway is None else round(runway, 1),
+        "runs_out_at": None if runs_out is None else runs_out.isoformat(timespec="minutes"),
+    }
+    if as_json:
+        out.write(json.dumps(record, indent=2) + "\n")
+        return 0
+    out.write(f"balance:    {balance.balance:.2f} USD\n")
+    out.write(f"burn rate:  {balance.hourly_cost:.4f} USD/h (API)")
+    out.write(f", {vm_burn:.4f} USD/h from the VM list{' (estimated)' if estimated else ''}\n")
+    if runway is None or runs_out is None:
+        out.write("runway:     unlimited (nothing is billed)\n")
+    else:
+        out.write(f"runway:     {runway:.1f} h, until {runs_out:%Y-%m-%d %H:%M} UTC\n")
+    return 0
