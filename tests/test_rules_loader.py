@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_RULES = ROOT / "rules"
 BAD = Path(__file__).resolve().parent / "rules_bad"
 DOCS = ROOT / "docs" / "rules.md"
+README = ROOT / "README.md"
 
 
 def write(folder: Path, name: str, text: str) -> Path:
@@ -83,9 +84,9 @@ def test_shipped_low_balance_has_levels() -> None:
     assert loaded.rule.clear_above_balance_usd is not None
 
 
-def docs_examples() -> list[tuple[int, str, str]]:
-    """Every fenced yaml or toml block of docs/rules.md, with its line number."""
-    text = DOCS.read_text(encoding="utf-8")
+def docs_examples(document: Path = DOCS) -> list[tuple[int, str, str]]:
+    """Every fenced yaml or toml block of a document, with its line number."""
+    text = document.read_text(encoding="utf-8")
     pattern = re.compile(r"^```(yaml|toml)\n(.*?)^```", re.MULTILINE | re.DOTALL)
     return [
         (text.count("\n", 0, match.start()) + 1, match.group(1), match.group(2))
@@ -98,6 +99,18 @@ def docs_examples() -> list[tuple[int, str, str]]:
 )
 def test_docs_example_is_valid(line: int, language: str, example: str, tmp_path: Path) -> None:
     path = write(tmp_path, f"example-line-{line}.{language}", example)
+
+    ruleset = load_rules(path)
+
+    assert [str(error) for error in ruleset.errors] == []
+    assert ruleset.rules
+
+
+@pytest.mark.parametrize(
+    ("line", "language", "example"), docs_examples(README), ids=lambda value: str(value)[:12]
+)
+def test_readme_example_is_valid(line: int, language: str, example: str, tmp_path: Path) -> None:
+    path = write(tmp_path, f"readme-line-{line}.{language}", example)
 
     ruleset = load_rules(path)
 

@@ -60,13 +60,19 @@ class AlertManager:
         self._repeat_interval = repeat_interval
 
     async def handle_run(
-        self, rule: str, decisions: Sequence[Decision], now: datetime
+        self,
+        rule: str,
+        decisions: Sequence[Decision],
+        now: datetime,
+        *,
+        repeat_interval: timedelta | None = None,
     ) -> Message | None:
         """Store the alert changes of one finished run of `rule`; send and return the message.
 
         Call it once per run that finished evaluating, even with no decisions, because
         reports missing from a run are resolved. Other decision kinds are ignored.
-        Returns None when nothing was due to be sent. Raises ValueError, before storing
+        `repeat_interval` replaces the manager's default for this rule, for rules that set
+        their own. Returns None when nothing was due to be sent. Raises ValueError, before storing
         anything, when a decision belongs to another rule.
         """
         foreign = sorted({d.rule for d in decisions if d.rule != rule})
@@ -77,7 +83,9 @@ class AlertManager:
         reported: set[str] = set()
         for decision in decisions:
             if isinstance(decision, FireAlert):
-                outgoing.extend(await self._fire(decision, now))
+                outgoing.extend(
+                    await self._fire(decision, now, repeat_interval or self._repeat_interval)
+                )
             elif isinstance(decision, ResolveAlert):
                 outgoing.extend(await self._resolve(decision, now))
             elif isinstance(decision, Report):
@@ -91,7 +99,9 @@ class AlertManager:
         await self._send(message)
         return message
 
-    async def _fire(self, decision: FireAlert, now: datetime) -> list[Message]:
+    async def _fire(
+        self, decision: FireAlert, now: datetime, repeat_interval: timedelta
+    ) -> list[Message]:
         rule, subject = decision.rule, decision.subject
         before = await self._store.get_open_alert(rule, subject)
         alert = await self._store.upsert_alert(
@@ -102,7 +112,7 @@ class AlertManager:
         ) > messages.severity_rank(before.severity)
 
         # An escalation is due at once; otherwise the repeat interval applies.
-        repeat_every = timedelta(0) if escalated else self._repeat_interval
+        repeat_every = timedelta(0) if escalated else repeat_interval
         if not await self._store.claim_alert_send(_id(alert), repeat_every=repeat_every, now=now):
             return []
 

@@ -20,7 +20,7 @@ from tdbot.daemon.snapshot import SnapshotProvider
 from tdbot.daemon.state_updates import apply_state_updates, outcome_alerts
 from tdbot.evaluation import evaluate
 from tdbot.evaluation.model import Decision, MarketSnapshot
-from tdbot.rules.schema import IdleStopRule, RuleBase
+from tdbot.rules.schema import IdleStopRule, LowBalanceRule, RuleBase
 from tdbot.store.db import Store
 
 logger = logging.getLogger("tdbot.daemon.engine")
@@ -94,7 +94,10 @@ class RuleEngine:
             # 3. Alert on what the rule found and on actions that failed.
             if self._alerts is not None:
                 alert_decisions = [*result.decisions, *outcome_alerts(rule, result.outcomes)]
-                await self._alerts.handle_run(rule.name, alert_decisions, now)
+                repeat = rule.repeat_every if isinstance(rule, LowBalanceRule) else None
+                await self._alerts.handle_run(
+                    rule.name, alert_decisions, now, repeat_interval=repeat
+                )
         except Exception as error:
             # One rule's failure must never stop the daemon or the other rules.
             logger.exception("rule %s failed in this tick", rule.name)

@@ -80,14 +80,15 @@ def outcome_alerts(rule: RuleBase, outcomes: Sequence[ActionOutcome]) -> list[De
                 FireAlert(
                     rule=rule.name,
                     subject=failure_subject,
-                    summary=outcome.message,
+                    summary=describe_outcome(outcome),
                     evidence=evidence,
                     severity=Severity.CRITICAL,
                 )
             )
-        elif outcome.status is not OutcomeStatus.AWAITING_CONFIRMATION:
-            # A dry run or a block repeats every tick while nothing changes, so its
-            # reason leaves out the action id and the user hears of it once.
+        else:
+            # A dry run, a block or a wait for confirmation repeats every tick while
+            # nothing changes, so its reason leaves out the action id and the user
+            # hears of it once.
             reason = f"{outcome.status.value}-{kind}"
             if outcome.status is OutcomeStatus.DONE:
                 reason += f"-{outcome.action_id}"
@@ -95,7 +96,7 @@ def outcome_alerts(rule: RuleBase, outcomes: Sequence[ActionOutcome]) -> list[De
                 Report(
                     rule=rule.name,
                     subject=decision.subject,
-                    summary=outcome.message,
+                    summary=describe_outcome(outcome),
                     evidence=evidence | {"reason": reason},
                 )
             )
@@ -108,3 +109,19 @@ def outcome_alerts(rule: RuleBase, outcomes: Sequence[ActionOutcome]) -> list[De
                 )
             )
     return decisions
+
+
+OUTCOME_LABELS = {
+    OutcomeStatus.DONE: "Done",
+    OutcomeStatus.DRY_RUN: "Dry run, nothing sent",
+    OutcomeStatus.BLOCKED: "Not done",
+    OutcomeStatus.FAILED: "FAILED",
+    OutcomeStatus.UNKNOWN: "Result unknown",
+    OutcomeStatus.AWAITING_CONFIRMATION: "Waiting",
+}
+
+
+def describe_outcome(outcome: ActionOutcome) -> str:
+    """Return the decision's summary, which names the VM, followed by what became of it."""
+    label = OUTCOME_LABELS.get(outcome.status, outcome.status.value)
+    return f"{outcome.decision.summary} {label}: {outcome.message}"
