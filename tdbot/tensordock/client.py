@@ -74,7 +74,8 @@ _AUTH_TEXT = re.compile(
     re.IGNORECASE,
 )
 _WRONG_STATE_TEXT = re.compile(
-    r"already (running|stopped|terminated)|cannot be (started|stopped)|stoppeddisassociated",
+    r"already (running|stopped|terminated)|cannot be (started|stopped|modified)"
+    r"|stoppeddisassociated",
     re.IGNORECASE,
 )
 _VM_STATE_TEXT = re.compile(r"machine is (\w+), therefore", re.IGNORECASE)
