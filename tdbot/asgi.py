@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +43,29 @@ class RunningServer:
         await self.task
 
 
+class _SignalFreeServer(uvicorn.Server):
+    """A uvicorn server that leaves the process's SIGINT and SIGTERM handlers alone."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def start_server(
-    app: Any, host: str, port: int, *, log_level: str = "warning", name: str = "asgi"
+    app: Any,
+    host: str,
+    port: int,
+    *,
+    log_level: str = "warning",
+    name: str = "asgi",
+    handle_signals: bool = True,
 ) -> RunningServer:
-    """Start serving `app`; port 0 picks a free port. Raises RuntimeError if it cannot bind."""
+    """Start serving `app`; port 0 picks a free port. Raises RuntimeError if it cannot bind.
+
+    With `handle_signals`, uvicorn takes over SIGINT and SIGTERM while it serves and
+    stops on them. A process that handles those signals itself, such as the daemon,
+    passes False and stops the server with `RunningServer.stop`.
+    """
     config = uvicorn.Config(
         app,
         host=host,
@@ -56,7 +75,7 @@ async def start_server(
         timeout_graceful_shutdown=1,
         access_log=False,
     )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(config) if handle_signals else _SignalFreeServer(config)
     task = asyncio.create_task(server.serve(), name=name)
     while not server.started:
         if task.done():
@@ -71,10 +90,10 @@ async def start_server(
 
 @contextlib.asynccontextmanager
 async def serve_app(
-    app: Any, host: str, port: int, *, name: str = "asgi"
+    app: Any, host: str, port: int, *, name: str = "asgi", handle_signals: bool = True
 ) -> AsyncIterator[RunningServer]:
     """Serve `app` for the duration of the block."""
-    running = await start_server(app, host, port, name=name)
+    running = await start_server(app, host, port, name=name, handle_signals=handle_signals)
     try:
         yield running
     finally:

@@ -118,7 +118,7 @@ def load_settings(path: Path | None) -> Settings:
         settings = Settings.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(_describe_validation_error(path, error)) from None
-    return _resolve_paths(settings, path.parent)
+    return _resolve_paths(settings, path.resolve().parent)
 
 
 def _describe_validation_error(path: Path, error: ValidationError) -> str:

@@ -2,8 +2,8 @@
 
 Nothing here is scripted on tdbot's side: the demo starts the simulator on loopback,
 seeds an account, and changes the simulated world (a spot price rises, the user tops
-up the balance). The daemon, with the shipped example rules, sees those changes
-through the API and the heartbeat endpoint and acts on them as it would in production.
+up the balance). The daemon runs the shipped example rules, reads those changes
+through the API and the heartbeat endpoint, and acts on them as it would in production.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class DemoAccount:
 
 @dataclass
 class Progress:
-    """Which of the four rule kinds have been seen acting."""
+    """Flags for each rule kind seen acting, with the time of each first act."""
 
     cheapest_alert: bool = False
     spot_rebid: bool = False

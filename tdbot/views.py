@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
@@ -39,8 +40,9 @@ def _table(title: str, columns: list[str], rows: list[list[str]], out: TextIO) -
     Console(file=out, width=160).print(table)
 
 
-def _error(out: TextIO, error: Exception) -> int:
-    out.write(f"error: {error}\n")
+def _error(error: Exception) -> int:
+    # Errors go to stderr, so a --json caller never reads them as JSON.
+    sys.stderr.write(f"error: {error}\n")
     return 1
 
 
@@ -55,7 +57,7 @@ async def show_hostnodes(
         async with _client(settings, None) as client:
             offers = rank_hostnodes(await client.list_hostnodes(), spec)[:limit]
     except (ValueError, ValidationError, TensorDockError) as error:
-        return _error(out, error)
+        return _error(error)
 
     if as_json:
         out.write(json.dumps([_offer_json(offer) for offer in offers], indent=2) + "\n")
@@ -101,7 +103,7 @@ async def show_vms(settings: Settings, secrets: Secrets, as_json: bool, out: Tex
         async with _client(settings, secrets) as client:
             vms = await client.list_vms()
     except (ConfigError, TensorDockError) as error:
-        return _error(out, error)
+        return _error(error)
 
     records = []
     for vm in sorted(vms.values(), key=lambda vm: vm.name):
@@ -150,7 +152,7 @@ async def show_balance(settings: Settings, secrets: Secrets, as_json: bool, out:
             balance = await client.get_balance()
             vms = await client.list_vms()
     except (ConfigError, TensorDockError) as error:
-        return _error(out, error)
+        return _error(error)
 
     vm_burn, estimated = burn_rate(vms, None)
     runway = balance.runway_hours

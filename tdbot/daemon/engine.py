@@ -28,7 +28,7 @@ logger = logging.getLogger("tdbot.daemon.engine")
 
 @dataclass
 class TickResult:
-    """What one tick of one rule decided and did."""
+    """The decisions and action outcomes of one tick of one rule."""
 
     rule: str
     decisions: list[Decision] = field(default_factory=list)
@@ -98,6 +98,14 @@ class RuleEngine:
                 await self._alerts.handle_run(
                     rule.name, alert_decisions, now, repeat_interval=repeat
                 )
+        except asyncio.CancelledError:
+            # Shutdown cancelled the tick after its grace time: close the run row so
+            # it does not look unfinished, then let the cancellation go on.
+            logger.warning("rule %s: tick cancelled at shutdown", rule.name)
+            await asyncio.shield(
+                self._store.finish_run(run_id, False, "cancelled at shutdown", result.decisions)
+            )
+            raise
         except Exception as error:
             # One rule's failure must never stop the daemon or the other rules.
             logger.exception("rule %s failed in this tick", rule.name)

@@ -201,8 +201,11 @@ async def _schedule_until_stopped(
                 schedule_rules(scheduler, daemon.rules, job, time_scale=daemon.clock.time_scale)
     finally:
         logger.info("stopping: no new ticks; waiting for %d running", len(daemon.running_ticks))
-        scheduler.shutdown(wait=False)
+        # APScheduler 3.11's AsyncIOExecutor cancels running coroutine jobs on shutdown,
+        # so the scheduler is only paused until the running ticks finish or time out.
+        scheduler.pause()
         await _finish_running(daemon.running_ticks, daemon.settings.daemon.shutdown_timeout)
+        scheduler.shutdown(wait=False)
 
 
 async def _wait_any(*events: asyncio.Event) -> None:
@@ -239,7 +242,10 @@ async def _heartbeat_server(daemon: Daemon, secrets: Secrets) -> AsyncIterator[N
     if not secrets.heartbeat_token:
         logger.warning("TDBOT_HEARTBEAT_TOKEN is unset: the heartbeat endpoint rejects all pushes")
     app = create_heartbeat_app(daemon.store.add_idle_sample, daemon.clock, secrets.heartbeat_token)
-    async with serve_app(app, settings.host, settings.port, name="heartbeat") as server:
+    # The daemon's own SIGTERM and SIGINT handlers stop the server with the rest.
+    async with serve_app(
+        app, settings.host, settings.port, name="heartbeat", handle_signals=False
+    ) as server:
         daemon.heartbeat_url = f"{server.url}/v1/heartbeat"
         logger.info("heartbeat endpoint listening on %s", daemon.heartbeat_url)
         yield

@@ -1,4 +1,4 @@
-"""What a finished tick leaves behind: stored rule state and messages about actions.
+"""Rule state and action messages left behind by a finished tick.
 
 Evaluation is pure, so the values it needs next time (the lowest price seen, when
 each VM started running) are computed by the evaluation modules and stored here.
