@@ -36,7 +36,8 @@ from tdbot.config import (
     TensorDockSettings,
 )
 from tdbot.daemon.engine import TickResult
-from tdbot.daemon.runner import Daemon, open_daemon
+from tdbot.daemon.runner import Daemon, open_daemon, prune_samples
+from tdbot.daemon.snapshot import SnapshotProvider
 from tdbot.demo import outbid
 from tdbot.evaluation import evaluate
 from tdbot.evaluation.model import (
@@ -350,6 +351,34 @@ async def test_idle_rule_skips_hostnodes(world: World) -> None:
         await daemon.engine.run_rule(IDLE)
 
     assert world.requests.take() == Counter({"client/list": 1})
+
+
+async def test_new_parts_fetched_after_reload(world: World) -> None:
+    async with world.open([IDLE]) as daemon:
+        daemon.snapshots.parts = SnapshotProvider.parts_for({IDLE.kind, CHEAPEST.kind})
+        snapshot = await daemon.snapshots.get()
+
+    assert snapshot.hostnodes is not None
+    assert world.requests.take()["client/deploy/hostnodes"] == 1
+
+
+async def test_old_idle_samples_pruned(world: World) -> None:
+    vm_id = world.vm_id("api-server-4090")
+    now = world.market.now()
+    store = await Store.open(world.database)
+    try:
+        for hours_ago in (50, 30, 2):
+            at = now - timedelta(hours=hours_ago)
+            await store.add_idle_sample(IdleSample(vm_id=vm_id, at=at, gpu_util_percent=1.0))
+    finally:
+        await store.close()
+
+    async with world.open([IDLE]) as daemon:
+        removed = await prune_samples(daemon)
+        kept = await daemon.store.idle_samples(since=now - timedelta(days=7))
+
+    assert removed == 2
+    assert [sample.at for sample in kept[vm_id]] == [now - timedelta(hours=2)]
 
 
 # --- overlap and failures ------------------------------------------------------------

@@ -16,9 +16,12 @@ import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import TextIO
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
 
 from tdbot.actions.executor import ActionExecutor
 from tdbot.actions.reconcile import reconcile
@@ -32,11 +35,14 @@ from tdbot.logsafe import configure_logging
 from tdbot.notify.base import MultiNotifier, Notifier
 from tdbot.notify.console import ConsoleNotifier
 from tdbot.rules import load_rules
-from tdbot.rules.schema import RuleBase
+from tdbot.rules.schema import IdleStopRule, RuleBase
 from tdbot.store.db import Store
 from tdbot.tensordock.client import TensorDockClient
 
 logger = logging.getLogger("tdbot.daemon")
+
+# Idle samples are kept at least this long, so recent evidence stays readable.
+SAMPLE_RETENTION = timedelta(days=1)
 
 
 @dataclass
@@ -47,6 +53,7 @@ class Daemon:
     store: Store
     client: TensorDockClient
     engine: RuleEngine
+    snapshots: SnapshotProvider
     notifier: Notifier
     rules: list[RuleBase]
     clock: Clock
@@ -125,7 +132,7 @@ async def open_daemon(
         engine = RuleEngine(
             store=store, snapshots=snapshots, executor=executor, alerts=alerts, clock=clock
         )
-        yield Daemon(settings, store, client, engine, notifier, rules, clock)
+        yield Daemon(settings, store, client, engine, snapshots, notifier, rules, clock)
     finally:
         await client.aclose()
         await store.close()
@@ -187,6 +194,7 @@ async def _schedule_until_stopped(
             daemon.running_ticks.discard(task)
 
     schedule_rules(scheduler, daemon.rules, job, time_scale=daemon.clock.time_scale)
+    schedule_maintenance(scheduler, daemon)
     scheduler.start()
     if started is not None:
         await started(daemon)
@@ -198,6 +206,9 @@ async def _schedule_until_stopped(
             if reload.is_set() and not stop.is_set():
                 reload.clear()
                 daemon.rules = load_rule_list(daemon.settings)
+                daemon.snapshots.parts = SnapshotProvider.parts_for(
+                    {rule.kind for rule in daemon.rules}
+                )
                 schedule_rules(scheduler, daemon.rules, job, time_scale=daemon.clock.time_scale)
     finally:
         logger.info("stopping: no new ticks; waiting for %d running", len(daemon.running_ticks))
@@ -206,6 +217,28 @@ async def _schedule_until_stopped(
         scheduler.pause()
         await _finish_running(daemon.running_ticks, daemon.settings.daemon.shutdown_timeout)
         scheduler.shutdown(wait=False)
+
+
+def schedule_maintenance(scheduler: AsyncIOScheduler, daemon: Daemon) -> None:
+    """Run `prune_samples` every hour of the daemon's clock."""
+    interval = timedelta(hours=1).total_seconds() / daemon.clock.time_scale
+    scheduler.add_job(
+        prune_samples,
+        trigger=IntervalTrigger(seconds=interval, timezone=UTC),
+        args=[daemon],
+        id="maintenance",
+        name="maintenance",
+        replace_existing=True,
+    )
+
+
+async def prune_samples(daemon: Daemon) -> int:
+    """Delete idle samples older than the retention or twice the longest idle window."""
+    windows = [rule.window for rule in daemon.rules if isinstance(rule, IdleStopRule)]
+    keep = max([SAMPLE_RETENTION, *(2 * window for window in windows)])
+    removed = await daemon.store.prune_idle_samples(older_than=daemon.clock.now() - keep)
+    logger.info("maintenance: removed %d idle samples older than %s", removed, keep)
+    return removed
 
 
 async def _wait_any(*events: asyncio.Event) -> None:

@@ -56,13 +56,14 @@ def schedule_rules(
     time_scale: float = 1.0,
     first_run_delay: timedelta = timedelta(seconds=1),
 ) -> None:
-    """Replace every rule job with one job per enabled rule.
+    """Replace every rule job with one job per enabled rule; other jobs stay.
 
     Interval rules run once shortly after start, so a daemon restart does not wait a
     whole interval before it looks at the account again.
     """
     for existing in scheduler.get_jobs():
-        existing.remove()
+        if existing.id.startswith("rule:"):
+            existing.remove()
 
     start = datetime.now(UTC) + first_run_delay
     for rule in rules:

@@ -51,6 +51,16 @@ class SnapshotProvider:
         self._latest: MarketSnapshot | None = None
         self.fetch_count = 0
 
+    @property
+    def parts(self) -> frozenset[str]:
+        """The parts each snapshot fetches; a reload of the rules may change them."""
+        return self._parts
+
+    @parts.setter
+    def parts(self, value: frozenset[str]) -> None:
+        self._parts = value
+        self._latest = None
+
     @classmethod
     def parts_for(cls, kinds: set[str]) -> frozenset[str]:
         """Return the snapshot parts that rules of these kinds read."""
