@@ -325,10 +325,7 @@ class ActionExecutor:
             entry.note("client/spot/validate/existing", vm_id, f"{type(error).__name__}: {error}")
             checked = await self._read_back(entry, vm_id, RUNNING)
             if checked.reached:
-                await entry.mark(ActionState.VERIFIED, result={"status": _status(checked.vm)})
-                await self.store.save_ladder(rule.name, vm_id, None)
-                message = f"VM {vm_id} is Running at a bid of ${bid:.4f}/h (response was lost)"
-                return ActionOutcome(decision, entry.action_id, OutcomeStatus.DONE, message)
+                return await self._rebid_verified(rule, decision, entry, checked.vm, lost=True)
             message = f"the re-bid response was lost ({error}); {checked.describe(vm_id, RUNNING)}"
             return await self._unknown(decision, entry, message)
         except TensorDockError as error:
@@ -343,13 +340,26 @@ class ActionExecutor:
 
         checked = await self._read_back(entry, vm_id, RUNNING)
         if checked.reached:
-            await entry.mark(ActionState.VERIFIED, result={"status": _status(checked.vm)})
-            # The ladder is done; a later outbid starts a new one from the new bid.
-            await self.store.save_ladder(rule.name, vm_id, None)
-            message = f"VM {vm_id} is Running at a bid of ${bid:.4f}/h"
-            return ActionOutcome(decision, entry.action_id, OutcomeStatus.DONE, message)
+            return await self._rebid_verified(rule, decision, entry, checked.vm, lost=False)
         message = f"bid ${bid:.4f}/h was accepted, but {checked.describe(vm_id, RUNNING)}"
         return await self._unconfirmed(decision, entry, message, checked.vm)
+
+    async def _rebid_verified(
+        self,
+        rule: RuleBase,
+        decision: Rebid,
+        entry: JournalEntry,
+        vm: VirtualMachine | None,
+        *,
+        lost: bool,
+    ) -> ActionOutcome:
+        await entry.mark(ActionState.VERIFIED, result={"status": _status(vm)})
+        # The ladder is done; a later outbid starts a new one from the new bid.
+        await self.store.save_ladder(rule.name, decision.subject, None)
+        message = f"VM {decision.subject} is Running at a bid of ${decision.bid_usd_per_hour:.4f}/h"
+        if lost:
+            message += " (response was lost)"
+        return ActionOutcome(decision, entry.action_id, OutcomeStatus.DONE, message)
 
     async def _save_ladder_step(self, rule: RuleBase, decision: Rebid, now: datetime) -> None:
         # Stored before the call, so a failed or lost step is not taken again next tick.

@@ -48,22 +48,30 @@ def still_firing(
     rule: str, subject: str, summary: str, severity: str, first_fired_at: datetime, now: datetime
 ) -> Message:
     """Return the reminder of an alert that is still open after the repeat interval."""
-    lasted = format_duration(now - first_fired_at)
-    return Message(
-        title=f"Still firing: alert from {rule}",
-        lines=(summary, f"Firing for {lasted}, since {_since(first_fired_at)}."),
-        severity=_severity_name(severity),
-        key=(rule, subject),
-    )
+    title = f"Still firing: alert from {rule}"
+    return _open_alert(title, rule, subject, summary, severity, first_fired_at, now)
 
 
 def escalated(
     rule: str, subject: str, summary: str, severity: str, first_fired_at: datetime, now: datetime
 ) -> Message:
     """Return the message of an open alert whose severity went up."""
+    title = f"Now {severity}: alert from {rule}"
+    return _open_alert(title, rule, subject, summary, severity, first_fired_at, now)
+
+
+def _open_alert(
+    title: str,
+    rule: str,
+    subject: str,
+    summary: str,
+    severity: str,
+    first_fired_at: datetime,
+    now: datetime,
+) -> Message:
     lasted = format_duration(now - first_fired_at)
     return Message(
-        title=f"Now {severity}: alert from {rule}",
+        title=title,
         lines=(summary, f"Firing for {lasted}, since {_since(first_fired_at)}."),
         severity=_severity_name(severity),
         key=(rule, subject),

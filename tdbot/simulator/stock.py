@@ -8,20 +8,9 @@ from tdbot.simulator.errors import SimApiError, bad_request
 from tdbot.simulator.forms import Shape
 from tdbot.simulator.hostnodes import SimHostnode
 
-# Minimum storage in GB per operating system, as TensorDock's own dashboard lists them.
-OS_MIN_STORAGE_GB = {
-    "Ubuntu 20.04 LTS": 20,
-    "Ubuntu 22.04 LTS": 20,
-    "Ubuntu 24.04 LTS": 20,
-    "TensorML 20 TensorFlow": 40,
-    "TensorML 20 PyTorch": 40,
-    "TensorML 20 Everything": 60,
-    "TensorML 20 RAPIDS": 40,
-    "TensorML 24 TensorFlow": 40,
-    "TensorML 24 PyTorch": 40,
-    "TensorML 24 Everything": 60,
-    "Windows 10": 90,
-}
+# The simulator checks deploys against the same table of operating systems and their
+# minimum storage that the client validates requests with.
+from tdbot.tensordock.requests import OS_MIN_STORAGE_GB
 
 
 def check_operating_system(name: str, storage: int) -> None:

@@ -31,7 +31,6 @@ import html.parser
 import itertools
 import json
 import re
-import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -40,11 +39,12 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from tdbot.asgi import RunningServer, start_server
 
 # Shaped like a real token (bot id, colon, 35 characters) so redaction tests match it.
 DEFAULT_TOKEN = "123456789:AAFakeTokenForTdbotTests_0123456789"
@@ -168,9 +168,7 @@ class FakeTelegramApi:
         self._poll_generation = 0
         self._closing = False
 
-        self._server: uvicorn.Server | None = None
-        self._serve_task: asyncio.Task[None] | None = None
-        self._port = 0
+        self._server: RunningServer | None = None
         self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "getme": self._get_me,
             "sendmessage": self._send_message,
@@ -195,7 +193,9 @@ class FakeTelegramApi:
     @property
     def base_url(self) -> str:
         """The Bot API URL without the token, such as "http://127.0.0.1:8081/bot"."""
-        return f"http://127.0.0.1:{self._port}/bot"
+        if self._server is None:
+            raise RuntimeError("the fake Telegram API is not started; use it as a context manager")
+        return f"{self._server.url}/bot"
 
     async def __aenter__(self) -> FakeTelegramApi:
         await self.start()
@@ -211,30 +211,15 @@ class FakeTelegramApi:
 
     async def start(self) -> None:
         """Serve on a free port of 127.0.0.1 and return once the server accepts requests."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        self._port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2
-        )
-        self._server = uvicorn.Server(config)
-        self._serve_task = asyncio.create_task(self._server.serve(sockets=[sock]))
-
-        async with asyncio.timeout(10):
-            while not self._server.started:
-                if self._serve_task.done():
-                    self._serve_task.result()
-                    raise RuntimeError("fake Telegram API server exited during start-up")
-                await asyncio.sleep(0.01)
+        self._server = await start_server(self.app, "127.0.0.1", 0, name="fake-telegram")
 
     async def stop(self) -> None:
         """End open long polls and stop the server."""
-        if self._server is None or self._serve_task is None:
+        if self._server is None:
             return
         self._closing = True
         self._notify_changed()
-        self._server.should_exit = True
-        await asyncio.wait_for(self._serve_task, timeout=10)
+        await self._server.stop()
         self._server = None
 
     # --- test controls ---------------------------------------------------------------
