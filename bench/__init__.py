@@ -1,0 +1,1 @@
+"""The performance benchmark of tdbot; run it with `python bench/run.py [--quick]`."""
