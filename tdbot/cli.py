@@ -6,7 +6,6 @@ what it needs (the Telegram stack, the simulator, the database) when it runs.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +52,8 @@ def _fail_on_config_error(error: Exception) -> None:
 @click.option("--dry-run", is_flag=True, help="Decide and report, but send no change to the API.")
 def run(config_path: Path | None, dry_run: bool) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
+    import asyncio
+
     from tdbot.config import ConfigError
     from tdbot.daemon.runner import run_daemon
 
@@ -71,6 +72,8 @@ def run(config_path: Path | None, dry_run: bool) -> None:
 @CONFIG_OPTION
 def check(config_path: Path | None) -> None:
     """Run one evaluation pass, print each rule's decisions, and change nothing."""
+    import asyncio
+
     from tdbot.config import ConfigError
     from tdbot.daemon.runner import check_once
 
@@ -118,6 +121,8 @@ def hostnodes(
     as_json: bool,
 ) -> None:
     """List hostnodes able to host a deployment, cheapest full price first."""
+    import asyncio
+
     from tdbot.views import show_hostnodes
 
     settings, _ = _load(config_path)
@@ -136,6 +141,8 @@ def hostnodes(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def vms(config_path: Path | None, as_json: bool) -> None:
     """List the account's VMs with status, spot bid and hourly cost."""
+    import asyncio
+
     from tdbot.views import show_vms
 
     settings, secrets = _load(config_path)
@@ -147,6 +154,8 @@ def vms(config_path: Path | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def balance(config_path: Path | None, as_json: bool) -> None:
     """Show the balance, the hourly burn rate and the runway."""
+    import asyncio
+
     from tdbot.views import show_balance
 
     settings, secrets = _load(config_path)
@@ -175,6 +184,8 @@ def demo(speed: float, timeout_seconds: float) -> None:
     Needs no account and no configuration. Alerts also go to Telegram when
     TDBOT_TELEGRAM_BOT_TOKEN and TDBOT_TELEGRAM_CHAT_ID are set.
     """
+    import asyncio
+
     from tdbot.demo import run_demo
 
     sys.exit(asyncio.run(run_demo(speed=speed, timeout_seconds=timeout_seconds)))

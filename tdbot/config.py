@@ -43,7 +43,7 @@ class DaemonSettings(Section):
     rules_dir: Path = Path("rules")
     database: str = "tdbot.db"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    snapshot_max_age: Duration = timedelta(seconds=30)
+    snapshot_max_age: Duration = timedelta(seconds=5)
     shutdown_timeout: Duration = timedelta(seconds=30)
 
 

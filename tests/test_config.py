@@ -32,7 +32,7 @@ def test_defaults_without_file() -> None:
     assert settings.safety.fleet_max_usd_per_hour == 5.0
     assert settings.daemon.rules_dir == Path("rules")
     assert settings.daemon.database == "tdbot.db"
-    assert settings.daemon.snapshot_max_age == timedelta(seconds=30)
+    assert settings.daemon.snapshot_max_age == timedelta(seconds=5)
     assert settings.daemon.shutdown_timeout == timedelta(seconds=30)
     assert settings.heartbeat.host == "127.0.0.1"
     assert settings.telegram.chat_ids == []
@@ -58,7 +58,7 @@ def test_example_loads_every_section() -> None:
             assert hasattr(section, key), f"{section_name}.{key} is not a setting"
     assert settings.daemon.rules_dir == REPOSITORY / "rules"
     assert settings.daemon.database == str(REPOSITORY / "tdbot.db")
-    assert settings.daemon.snapshot_max_age == timedelta(seconds=30)
+    assert settings.daemon.snapshot_max_age == timedelta(seconds=5)
     assert settings.alerts.repeat_interval == timedelta(hours=4)
 
 

@@ -335,15 +335,29 @@ async def test_snapshot_refetched_when_old(world: World) -> None:
     async with world.open(many_rules(4)) as daemon:
         await tick_together(daemon)
         world.requests.take()
-        world.market.advance(timedelta(seconds=10))
+        world.market.advance(timedelta(seconds=2))
         await tick_together(daemon)
         within_max_age = world.requests.take()
-        world.market.advance(timedelta(seconds=30))
+        world.market.advance(timedelta(seconds=5))
         await tick_together(daemon)
         after_max_age = world.requests.take()
 
     assert within_max_age == Counter()
     assert sum(after_max_age.values()) == 3
+
+
+async def test_snapshot_dropped_after_action(world: World) -> None:
+    vm_id = world.vm_id("api-server-4090")
+    await seed_idle(world, vm_id, warning_due=True)
+
+    async with world.open([IDLE, LOW_BALANCE]) as daemon:
+        stop_tick = await daemon.engine.run_rule(IDLE)
+        world.requests.take()
+        await daemon.engine.run_rule(LOW_BALANCE)
+        after_stop = world.requests.take()
+
+    assert [outcome.status for outcome in stop_tick.outcomes] == [OutcomeStatus.DONE]
+    assert after_stop["client/list"] == 1
 
 
 async def test_idle_rule_skips_hostnodes(world: World) -> None:

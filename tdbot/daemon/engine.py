@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tdbot.actions.executor import ActionExecutor
-from tdbot.actions.outcome import ActionOutcome
+from tdbot.actions.outcome import ActionOutcome, OutcomeStatus
 from tdbot.alerts.manager import AlertManager
 from tdbot.clock import Clock
 from tdbot.daemon.snapshot import SnapshotProvider
@@ -24,6 +25,9 @@ from tdbot.rules.schema import IdleStopRule, LowBalanceRule, RuleBase
 from tdbot.store.db import Store
 
 logger = logging.getLogger("tdbot.daemon.engine")
+
+# Outcomes after which the account may differ from the snapshot the rule acted on.
+CHANGED_ACCOUNT = frozenset({OutcomeStatus.DONE, OutcomeStatus.FAILED, OutcomeStatus.UNKNOWN})
 
 
 @dataclass
@@ -55,7 +59,8 @@ class RuleEngine:
         self._alerts = alerts
         self._clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
-        self._recorded_snapshot: MarketSnapshot | None = None
+        # A weak reference, so the engine does not keep a large market in memory.
+        self._recorded_snapshot: weakref.ref[MarketSnapshot] | None = None
         self.last_results: dict[str, TickResult] = {}
 
     async def run_rule(self, rule: RuleBase) -> TickResult:
@@ -89,6 +94,10 @@ class RuleEngine:
 
             # 2. Act within the guards, then remember what changed.
             result.outcomes = await self._executor.execute(rule, result.decisions, snapshot, now)
+            if any(outcome.status in CHANGED_ACCOUNT for outcome in result.outcomes):
+                # The shared snapshot no longer shows the account as it is, so the next
+                # rule must not act on it (an outbid VM re-bid here is Running now).
+                self._snapshots.invalidate()
             await apply_state_updates(self._store, rule, state, snapshot, result, now)
 
             # 3. Alert on what the rule found and on actions that failed.
@@ -117,9 +126,9 @@ class RuleEngine:
 
     async def _record_snapshot(self, snapshot: MarketSnapshot) -> None:
         """Store VM observations and price changes once per snapshot, not once per rule."""
-        if snapshot is self._recorded_snapshot:
+        if self._recorded_snapshot is not None and self._recorded_snapshot() is snapshot:
             return
-        self._recorded_snapshot = snapshot
+        self._recorded_snapshot = weakref.ref(snapshot)
         await self._store.record_observations(snapshot)
         await self._store.record_prices(snapshot)
 

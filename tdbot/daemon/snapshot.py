@@ -2,8 +2,13 @@
 
 Rules that fire together call `SnapshotProvider.get()` at about the same moment; the
 first call fetches hostnodes, VMs and the balance concurrently, and every call within
-`max_age` of it reuses the result. So the number of API requests per tick does not
-grow with the number of rules.
+`max_age` of the end of that fetch reuses the result. So the number of API requests
+per tick does not grow with the number of rules.
+
+`max_age` must stay well under the shortest rule interval, or a rule would decide on
+data from an earlier tick. For the same reason the snapshot is dropped as soon as an
+action may have changed the account, and it is released after `max_age` so a large
+market is not kept in memory between ticks.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class SnapshotProvider:
         self._parts = parts
         self._lock = asyncio.Lock()
         self._latest: MarketSnapshot | None = None
+        self._fetched_at: datetime | None = None
+        self._release: asyncio.TimerHandle | None = None
         self.fetch_count = 0
 
     @property
@@ -59,7 +66,15 @@ class SnapshotProvider:
     @parts.setter
     def parts(self, value: frozenset[str]) -> None:
         self._parts = value
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Forget the shared snapshot, so the next rule fetches a fresh one."""
         self._latest = None
+        self._fetched_at = None
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
 
     @classmethod
     def parts_for(cls, kinds: set[str]) -> frozenset[str]:
@@ -72,11 +87,27 @@ class SnapshotProvider:
     async def get(self) -> MarketSnapshot:
         """Return the shared snapshot, fetching a new one if the last is too old."""
         async with self._lock:
-            now = self._clock.now()
-            if self._latest is not None and now - self._latest.taken_at < self._max_age:
+            if self._latest is not None and self._is_fresh():
                 return self._latest
-            self._latest = await self._fetch(now, self._parts)
-            return self._latest
+
+            snapshot = await self._fetch(self._clock.now(), self._parts)
+            self.invalidate()
+            self._latest = snapshot
+            self._fetched_at = self._clock.now()
+            self._schedule_release()
+            return snapshot
+
+    def _is_fresh(self) -> bool:
+        if self._fetched_at is None:
+            return False
+        return self._clock.now() - self._fetched_at < self._max_age
+
+    def _schedule_release(self) -> None:
+        # The snapshot is useless once older than max_age; releasing it then keeps a
+        # market of thousands of hostnodes out of memory between ticks.
+        delay = self._max_age.total_seconds() / max(self._clock.time_scale, 1e-9)
+        loop = asyncio.get_running_loop()
+        self._release = loop.call_later(delay, self.invalidate)
 
     async def _fetch(self, now: datetime, parts: frozenset[str]) -> MarketSnapshot:
         self.fetch_count += 1

@@ -54,7 +54,7 @@ def evaluate_cheapest(
             )
         ]
 
-    offers = rank_hostnodes(snapshot.hostnodes, rule.match, ports_needed(rule))
+    offers = ranked_offers(rule, snapshot)
     if not offers:
         return _no_offers(rule, snapshot, state)
 
@@ -76,13 +76,28 @@ def updated_best_price(
     """
     if snapshot.hostnodes is None:
         return None
-    offers = rank_hostnodes(snapshot.hostnodes, rule.match, ports_needed(rule))
+    offers = ranked_offers(rule, snapshot)
     if not offers:
         return None
     price = round(offers[0].price_usd_per_hour, PRICE_DECIMALS)
     if state.best_price_usd is not None and price >= round(state.best_price_usd, PRICE_DECIMALS):
         return None
     return price
+
+
+def ranked_offers(rule: CheapestHostnodeRule, snapshot: MarketSnapshot) -> list[Offer]:
+    """Rank the snapshot's hostnodes for the rule's spec, once per snapshot and spec.
+
+    Rules with the same spec, and the state update after the tick, reuse the ranking,
+    which is the costly part of evaluating a market of thousands of hostnodes.
+    """
+    assert snapshot.hostnodes is not None
+    key = ("ranking", rule.match.model_dump_json(), ports_needed(rule))
+    offers: list[Offer] | None = snapshot.derived.get(key)
+    if offers is None:
+        offers = rank_hostnodes(snapshot.hostnodes, rule.match, ports_needed(rule))
+        snapshot.derived[key] = offers
+    return offers
 
 
 def ports_needed(rule: CheapestHostnodeRule) -> int:

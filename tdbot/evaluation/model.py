@@ -31,6 +31,9 @@ class MarketSnapshot:
     vms: dict[str, VirtualMachine] | None
     balance: Balance | None
     errors: dict[str, str] = field(default_factory=dict)
+    # Results computed from this snapshot, such as a ranking that several rules (and
+    # the state update after a tick) would otherwise compute again. Derived data only.
+    derived: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
