@@ -8,6 +8,7 @@ code past the client only ever sees these normalised shapes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
@@ -57,12 +58,17 @@ def parse_port_map(raw: Any) -> dict[int, int]:
 # --- hostnodes -------------------------------------------------------------------
 
 
-class Datacenter(ApiModel):
+# The parts of a hostnode are slotted dataclasses rather than models: a snapshot holds
+# thousands of hostnodes, and model instances took most of its memory and parse time.
+# Pydantic still validates and coerces them as fields of `Hostnode`, ignoring extra keys.
+@dataclass(frozen=True, slots=True)
+class Datacenter:
     name: str | None = None
     tier: str | None = None
 
 
-class Location(ApiModel):
+@dataclass(frozen=True, slots=True)
+class Location:
     id: str | None = None
     city: str | None = None
     region: str | None = None
@@ -74,23 +80,27 @@ class Location(ApiModel):
         return ", ".join(part for part in (self.city, self.region, self.country) if part)
 
 
-class Networking(ApiModel):
-    ports: list[int] = Field(default_factory=list)
+@dataclass(frozen=True, slots=True)
+class Networking:
+    ports: list[int] = field(default_factory=list)
     receive: float | None = None
     send: float | None = None
 
 
-class ResourceOffer(ApiModel):
+@dataclass(frozen=True, slots=True)
+class ResourceOffer:
     """Available units of one resource on a hostnode and its price in USD per unit-hour."""
 
     amount: int = 0
     price: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
 class CpuOffer(ResourceOffer):
     type: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
 class GpuOffer(ResourceOffer):
     """One GPU model on a hostnode; vram and the flags are None where the API omits them."""
 
@@ -100,7 +110,8 @@ class GpuOffer(ResourceOffer):
     gtx: bool | None = None
 
 
-class Bounds(ApiModel):
+@dataclass(frozen=True, slots=True)
+class Bounds:
     min: int | None = None
     max: int | None = None
 
@@ -108,7 +119,8 @@ class Bounds(ApiModel):
         return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
 
 
-class Restriction(ApiModel):
+@dataclass(frozen=True, slots=True)
+class Restriction:
     """Allowed vCPU, RAM and storage sizes for a deployment with a given GPU count."""
 
     cpu: Bounds | None = None
@@ -130,7 +142,8 @@ class HostnodeSpecs(ApiModel):
         return value or {}
 
 
-class HostnodeStatus(ApiModel):
+@dataclass(frozen=True, slots=True)
+class HostnodeStatus:
     online: bool = False
     listed: bool = False
     reserved: bool | None = None
