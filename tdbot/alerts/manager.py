@@ -5,10 +5,13 @@ database) neither re-sends an open alert before its repeat interval nor forgets 
 
 - FireAlert opens the alert (rule, subject) and sends it once; while it stays open it
   is sent again only after `repeat_interval`, or at once when its severity goes up.
-  A silenced alert is not sent.
+  A silenced alert is not sent (see `tdbot.alerts.silence`). Its messages carry the
+  silence buttons.
 - ResolveAlert closes the open alert and sends how long it lasted; it is ignored when
   no alert with that key is open. No resolution is sent for an alert whose firing
-  message was never sent (for example because it was silenced all along).
+  message was never sent (for example because it was silenced all along), nor for one
+  silenced for a time that has not ended. An alert silenced until it resolves does get
+  its resolution announced.
 - Report is stored as an info alert of the rule "<rule>:report" with the subject
   "<subject>:<evidence reason>" (or just the subject without a reason). It is sent once,
   when first reported, and resolved without a message at the first run of the rule that
@@ -16,16 +19,26 @@ database) neither re-sends an open alert before its repeat interval nor forgets 
   `RuleState.open_alerts`, which evaluation reads as its own firing alerts.
 
 The messages of one run are sent as one grouped message when there is more than one.
+Alerts and reports about a VM that is not running are dropped first, for the rule
+kinds `tdbot.alerts.inhibit` names, when the caller passes the rule's kind.
+
+Several rules' runs of one tick can be collected in an `AlertBatch` and sent by
+`flush_batch`: each run's message is sent on its own, except while the low-balance
+alert is critical, when all of them go out as one message.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from tdbot.alerts import messages
-from tdbot.evaluation.model import Decision, FireAlert, Report, ResolveAlert
+from tdbot.alerts.inhibit import drop_inhibited
+from tdbot.alerts.silence import is_silenced, silenced_until_resolved
+from tdbot.evaluation.balance import SUBJECT_ACCOUNT
+from tdbot.evaluation.model import Decision, FireAlert, Report, ResolveAlert, Severity
 from tdbot.notify.base import Message, Notifier, NotifyError
 from tdbot.store.db import Store
 from tdbot.store.tables import AlertRecord, AlertState
@@ -37,6 +50,9 @@ REPORT_RULE_SUFFIX = ":report"
 # Open reports of one rule read back per run; far more than a rule reports at once.
 _MAX_OPEN_REPORTS = 1000
 
+# Firing alerts read back to find the critical low-balance alert; far more than open at once.
+_MAX_FIRING_ALERTS = 1000
+
 
 def report_rule(rule: str) -> str:
     """Return the rule name under which the reports of `rule` are stored."""
@@ -47,6 +63,23 @@ def report_subject(report: Report) -> str:
     """Return the stored subject of a report: its subject and its evidence reason."""
     reason = report.evidence.get("reason")
     return f"{report.subject}:{reason}" if reason else report.subject
+
+
+@dataclass
+class AlertBatch:
+    """Messages of several rule runs of one tick, held until `AlertManager.flush_batch`."""
+
+    messages: list[Message] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RuleAlerts:
+    """The alert decisions of one rule run, for `AlertManager.handle_tick`."""
+
+    rule: str
+    decisions: Sequence[Decision]
+    kind: str | None = None
+    repeat_interval: timedelta | None = None
 
 
 class AlertManager:
@@ -66,18 +99,23 @@ class AlertManager:
         now: datetime,
         *,
         repeat_interval: timedelta | None = None,
+        kind: str | None = None,
+        batch: AlertBatch | None = None,
     ) -> Message | None:
         """Store the alert changes of one finished run of `rule`; send and return the message.
 
         Call it once per run that finished evaluating, even with no decisions, because
         reports missing from a run are resolved. Other decision kinds are ignored.
         `repeat_interval` replaces the manager's default for this rule, for rules that set
-        their own. Returns None when nothing was due to be sent. Raises ValueError, before storing
-        anything, when a decision belongs to another rule.
+        their own. `kind` is the rule's kind, which inhibition needs; without it nothing
+        is inhibited. With `batch`, the message is added to the batch instead of being
+        sent. Returns None when nothing was due to be sent. Raises ValueError, before
+        storing anything, when a decision belongs to another rule.
         """
         foreign = sorted({d.rule for d in decisions if d.rule != rule})
         if foreign:
             raise ValueError(f"decisions of rules {foreign} passed in the run of rule {rule!r}")
+        decisions = await drop_inhibited(self._store, rule, kind, decisions)
 
         outgoing: list[Message] = []
         reported: set[str] = set()
@@ -96,8 +134,62 @@ class AlertManager:
         if not outgoing:
             return None
         message = messages.group(rule, outgoing)
-        await self._send(message)
+        if batch is not None:
+            batch.messages.append(message)
+        else:
+            await self._send(message)
         return message
+
+    def begin_batch(self) -> AlertBatch:
+        """Start collecting the messages of several rule runs; pass it to `handle_run`."""
+        return AlertBatch()
+
+    async def flush_batch(self, batch: AlertBatch) -> list[Message]:
+        """Send the batch's messages and empty it; return what was sent.
+
+        Each rule run's message is sent on its own, except while the low-balance alert
+        is firing at critical severity (opened earlier or in this batch): then the
+        messages are merged into one, led by the balance alert.
+        """
+        pending, batch.messages = batch.messages, []
+        if len(pending) > 1:
+            balance = await self._critical_balance_alert()
+            if balance is not None:
+                key = (balance.rule, balance.subject)
+                pending = [messages.group_under_critical_balance(pending, key, balance.message)]
+        for message in pending:
+            await self._send(message)
+        return pending
+
+    async def handle_tick(self, runs: Sequence[RuleAlerts], now: datetime) -> list[Message]:
+        """Handle several rule runs of one tick as one batch; return the messages sent.
+
+        When one run raises, the messages of the runs before it are still sent.
+        """
+        batch = self.begin_batch()
+        try:
+            for run in runs:
+                await self.handle_run(
+                    run.rule,
+                    run.decisions,
+                    now,
+                    repeat_interval=run.repeat_interval,
+                    kind=run.kind,
+                    batch=batch,
+                )
+        finally:
+            sent = await self.flush_batch(batch)
+        return sent
+
+    async def _critical_balance_alert(self) -> AlertRecord | None:
+        # Low-balance rules are the only ones whose alerts have the subject "account".
+        firing = await self._store.list_alerts(state=AlertState.FIRING, limit=_MAX_FIRING_ALERTS)
+        for alert in firing:
+            is_report = alert.rule.endswith(REPORT_RULE_SUFFIX)
+            critical = alert.severity == Severity.CRITICAL.value
+            if alert.subject == SUBJECT_ACCOUNT and critical and not is_report:
+                return alert
+        return None
 
     async def _fire(
         self, decision: FireAlert, now: datetime, repeat_interval: timedelta
@@ -116,20 +208,37 @@ class AlertManager:
         if not await self._store.claim_alert_send(_id(alert), repeat_every=repeat_every, now=now):
             return []
 
+        alert_id = _id(alert)
         if before is None or alert.last_sent_at is None:
             logger.info("alert %s/%s opened (%s)", rule, subject, alert.severity)
-            return [messages.fired(rule, subject, decision.summary, alert.severity, now)]
+            return [
+                messages.fired(
+                    rule, subject, decision.summary, alert.severity, now, alert_id=alert_id
+                )
+            ]
         if escalated:
             logger.info("alert %s/%s escalated to %s", rule, subject, alert.severity)
             return [
                 messages.escalated(
-                    rule, subject, decision.summary, alert.severity, alert.first_fired_at, now
+                    rule,
+                    subject,
+                    decision.summary,
+                    alert.severity,
+                    alert.first_fired_at,
+                    now,
+                    alert_id=alert_id,
                 )
             ]
         logger.info("alert %s/%s still firing, sending a reminder", rule, subject)
         return [
             messages.still_firing(
-                rule, subject, decision.summary, alert.severity, alert.first_fired_at, now
+                rule,
+                subject,
+                decision.summary,
+                alert.severity,
+                alert.first_fired_at,
+                now,
+                alert_id=alert_id,
             )
         ]
 
@@ -179,9 +288,13 @@ class AlertManager:
 
 
 def _was_announced(alert: AlertRecord, now: datetime) -> bool:
-    """Whether the user was told the alert fired and is not silencing it now."""
-    silenced = alert.silenced_until is not None and alert.silenced_until > now
-    return alert.last_sent_at is not None and not silenced
+    """Return whether to send the alert's resolution; its firing message must have gone out.
+
+    A silence for a time that has not ended blocks the resolution too. A silence until
+    resolved does not, because the resolution is what it waits for.
+    """
+    held_back = is_silenced(alert, now) and not silenced_until_resolved(alert)
+    return alert.last_sent_at is not None and not held_back
 
 
 def _id(alert: AlertRecord) -> int:

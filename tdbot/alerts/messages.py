@@ -1,11 +1,16 @@
-"""Build the notification for each alert change, and group one rule run's notifications."""
+"""Build the notification for each alert change, and group one rule run's notifications.
+
+A message about a firing alert names the alert ("Alert #12: rule/subject") and carries
+the silence buttons, when the caller passes the alert's id.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from tdbot.notify.base import Message, SeverityName
+from tdbot.alerts.silence import alert_buttons, numbered_buttons
+from tdbot.notify.base import Button, Message, SeverityName
 
 _SEVERITY_RANK: dict[SeverityName, int] = {"info": 0, "warning": 1, "critical": 2}
 
@@ -34,30 +39,54 @@ def _since(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
-def fired(rule: str, subject: str, summary: str, severity: str, now: datetime) -> Message:
+def fired(
+    rule: str,
+    subject: str,
+    summary: str,
+    severity: str,
+    now: datetime,
+    *,
+    alert_id: int | None = None,
+) -> Message:
     """Return the message of an alert that has just opened."""
+    lines, buttons = _alert_reference(rule, subject, alert_id)
     return Message(
         title=f"Alert from {rule}",
-        lines=(summary, f"Since {_since(now)}."),
+        lines=(summary, f"Since {_since(now)}.", *lines),
         severity=_severity_name(severity),
         key=(rule, subject),
+        buttons=buttons,
     )
 
 
 def still_firing(
-    rule: str, subject: str, summary: str, severity: str, first_fired_at: datetime, now: datetime
+    rule: str,
+    subject: str,
+    summary: str,
+    severity: str,
+    first_fired_at: datetime,
+    now: datetime,
+    *,
+    alert_id: int | None = None,
 ) -> Message:
     """Return the reminder of an alert that is still open after the repeat interval."""
     title = f"Still firing: alert from {rule}"
-    return _open_alert(title, rule, subject, summary, severity, first_fired_at, now)
+    return _open_alert(title, rule, subject, summary, severity, first_fired_at, now, alert_id)
 
 
 def escalated(
-    rule: str, subject: str, summary: str, severity: str, first_fired_at: datetime, now: datetime
+    rule: str,
+    subject: str,
+    summary: str,
+    severity: str,
+    first_fired_at: datetime,
+    now: datetime,
+    *,
+    alert_id: int | None = None,
 ) -> Message:
     """Return the message of an open alert whose severity went up."""
     title = f"Now {severity}: alert from {rule}"
-    return _open_alert(title, rule, subject, summary, severity, first_fired_at, now)
+    return _open_alert(title, rule, subject, summary, severity, first_fired_at, now, alert_id)
 
 
 def _open_alert(
@@ -68,14 +97,26 @@ def _open_alert(
     severity: str,
     first_fired_at: datetime,
     now: datetime,
+    alert_id: int | None,
 ) -> Message:
     lasted = format_duration(now - first_fired_at)
+    lines, buttons = _alert_reference(rule, subject, alert_id)
     return Message(
         title=title,
-        lines=(summary, f"Firing for {lasted}, since {_since(first_fired_at)}."),
+        lines=(summary, f"Firing for {lasted}, since {_since(first_fired_at)}.", *lines),
         severity=_severity_name(severity),
         key=(rule, subject),
+        buttons=buttons,
     )
+
+
+def _alert_reference(
+    rule: str, subject: str, alert_id: int | None
+) -> tuple[tuple[str, ...], tuple[tuple[Button, ...], ...]]:
+    """Return the line naming a firing alert and its silence buttons; nothing without an id."""
+    if alert_id is None:
+        return (), ()
+    return (f"Alert #{alert_id}: {rule}/{subject}",), alert_buttons(alert_id)
 
 
 def resolved(
@@ -105,19 +146,46 @@ def group(rule: str, messages: Sequence[Message]) -> Message:
     """
     if len(messages) == 1:
         return messages[0]
+    return _combine(f"{len(messages)} updates from {rule}", (), messages)
 
-    lines: list[str] = []
+
+def group_under_critical_balance(
+    messages: Sequence[Message], balance_key: tuple[str, str], balance_summary: str
+) -> Message:
+    """Merge the messages of several rule runs while the low-balance alert is critical.
+
+    The low-balance message comes first when it is among them; otherwise the merged
+    message starts with the open alert's last summary, `balance_summary`.
+    """
+    ordered = sorted(messages, key=lambda message: message.key != balance_key)
+    lead: tuple[str, ...] = ()
+    if ordered[0].key != balance_key:
+        lead = (f"The balance is critically low: {balance_summary}",)
+    title = f"Balance critical: {len(messages)} updates"
+    return _combine(title, lead, ordered, severity="critical")
+
+
+def _combine(
+    title: str,
+    lead: tuple[str, ...],
+    messages: Sequence[Message],
+    *,
+    severity: SeverityName | None = None,
+) -> Message:
+    lines = list(lead)
     for message in messages:
         lines.append(f"• {message.title}")
         lines.extend(f"  {line}" for line in message.lines)
-    severity = max((m.severity for m in messages), key=severity_rank)
+    highest = max((m.severity for m in messages), key=severity_rank)
+    rows = tuple(row for m in messages for row in m.buttons)
     keys = {m.key for m in messages}
     return Message(
-        title=f"{len(messages)} updates from {rule}",
+        title=title,
         lines=tuple(lines),
-        severity=severity,
+        severity=severity or highest,
         key=keys.pop() if len(keys) == 1 else None,
-        buttons=tuple(row for m in messages for row in m.buttons),
+        # One row of silence buttons per alert, so each row names its alert.
+        buttons=numbered_buttons(rows) if len(rows) > 1 else rows,
     )
 
 
