@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tdbot.alerts.digest_schedule import ClockTime, TimeZoneName
 from tdbot.rules.schema import Duration
 from tdbot.tensordock.client import DEFAULT_BASE_URL
 
@@ -56,10 +57,25 @@ class HeartbeatSettings(Section):
 class TelegramSettings(Section):
     chat_ids: list[int] = Field(default_factory=list)
     base_url: str | None = None
+    # Chat commands and confirmation buttons; they also need the bot token.
+    commands: bool = True
+    # Users who may command the bot, in every chat. Empty: nobody may.
+    allowed_user_ids: list[int] = Field(default_factory=list)
+    # Group chats where those users may command it; None means `chat_ids`.
+    allowed_chat_ids: list[int] | None = None
+    confirmation_ttl: Duration = timedelta(minutes=10)
+
+    @property
+    def command_chat_ids(self) -> list[int]:
+        """Group chats where allowed users may give commands."""
+        return self.chat_ids if self.allowed_chat_ids is None else self.allowed_chat_ids
 
 
 class AlertSettings(Section):
     repeat_interval: Duration = timedelta(hours=4)
+    # Daily digest time of day ("HH:MM") in `digest_timezone`; None sends no digest.
+    digest_time: ClockTime | None = None
+    digest_timezone: TimeZoneName = "UTC"
 
 
 class Settings(Section):

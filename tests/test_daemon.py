@@ -299,6 +299,26 @@ async def test_each_rule_kind_ticks(world: World) -> None:
     assert "Alert from low-balance" in titles
 
 
+async def test_critical_balance_groups_tick(world: World) -> None:
+    world.market.set_balance(0.5)
+
+    async with world.open([CHEAPEST, LOW_BALANCE]) as daemon:
+        await tick_together(daemon)
+
+    assert len(world.notifier.messages) == 1
+    grouped = world.notifier.text()
+    assert "from cheapest" in grouped
+    assert "low-balance" in grouped
+
+
+async def test_separate_messages_without_critical(world: World) -> None:
+    async with world.open([CHEAPEST, LOW_BALANCE]) as daemon:
+        await tick_together(daemon)
+
+    titles = sorted(message.title for message in world.notifier.messages)
+    assert titles == ["Alert from cheapest", "Alert from low-balance"]
+
+
 # --- snapshot sharing ----------------------------------------------------------------
 
 

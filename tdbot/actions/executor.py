@@ -186,12 +186,8 @@ class ActionExecutor:
             return ActionOutcome(decision, action_id, OutcomeStatus.DRY_RUN, message)
 
         if isinstance(decision, Deploy) and decision.confirm and not confirmed:
-            # TODO: answer with Telegram confirmation buttons once the bot takes commands;
-            # until then a deploy with confirm set is only reported, never sent.
-            message = (
-                f"waiting for confirmation to {plan_text(decision)}; confirmations are not "
-                "available yet, so set deploy.confirm: false to deploy within the caps"
-            )
+            # The bot asks in Telegram and calls execute(..., confirmed=True) on Confirm.
+            message = f"waiting for confirmation to {plan_text(decision)}"
             return ActionOutcome(decision, None, OutcomeStatus.AWAITING_CONFIRMATION, message)
 
         if isinstance(decision, Deploy | Rebid):

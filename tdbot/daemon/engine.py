@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tdbot.actions.executor import ActionExecutor
 from tdbot.actions.outcome import ActionOutcome, OutcomeStatus
-from tdbot.alerts.manager import AlertManager
+from tdbot.alerts.manager import AlertBatch, AlertManager
 from tdbot.clock import Clock
 from tdbot.daemon.snapshot import SnapshotProvider
 from tdbot.daemon.state_updates import apply_state_updates, outcome_alerts
@@ -25,6 +26,10 @@ from tdbot.rules.schema import IdleStopRule, LowBalanceRule, RuleBase
 from tdbot.store.db import Store
 
 logger = logging.getLogger("tdbot.daemon.engine")
+
+# A tick joins the alert batch of the ticks running now only if that batch was opened
+# this many seconds ago or less; rules fired together start within a second or two.
+BATCH_JOIN_SECONDS = 10.0
 
 # Outcomes after which the account may differ from the snapshot the rule acted on.
 CHANGED_ACCOUNT = frozenset({OutcomeStatus.DONE, OutcomeStatus.FAILED, OutcomeStatus.UNKNOWN})
@@ -39,6 +44,15 @@ class TickResult:
     outcomes: list[ActionOutcome] = field(default_factory=list)
     skipped: str | None = None
     error: str | None = None
+
+
+@dataclass
+class TickBatch:
+    """The alert batch shared by the ticks that run at the same time."""
+
+    alerts: AlertBatch | None
+    opened_at: float
+    users: int = 0
 
 
 class RuleEngine:
@@ -59,6 +73,7 @@ class RuleEngine:
         self._alerts = alerts
         self._clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
+        self._batch: TickBatch | None = None
         # A weak reference, so the engine does not keep a large market in memory.
         self._recorded_snapshot: weakref.ref[MarketSnapshot] | None = None
         self.last_results: dict[str, TickResult] = {}
@@ -80,6 +95,40 @@ class RuleEngine:
             return result
 
     async def _tick(self, rule: RuleBase) -> TickResult:
+        batch = self._join_batch()
+        try:
+            return await self._tick_in_batch(rule, batch)
+        finally:
+            await self._leave_batch(batch)
+
+    def _join_batch(self) -> TickBatch:
+        """Join the alert batch of the ticks running now, or open one.
+
+        Rules fired together run concurrently, so their messages can go out together
+        (a critical balance alert then leads them). A batch takes no newcomers once it
+        is older than BATCH_JOIN_SECONDS, so ticks that keep overlapping cannot hold
+        messages back for long.
+        """
+        now = time.monotonic()
+        current = self._batch
+        if current is None or now - current.opened_at > BATCH_JOIN_SECONDS:
+            alert_batch = self._alerts.begin_batch() if self._alerts is not None else None
+            current = TickBatch(alert_batch, opened_at=now)
+            self._batch = current
+        current.users += 1
+        return current
+
+    async def _leave_batch(self, batch: TickBatch) -> None:
+        batch.users -= 1
+        if batch.users > 0:
+            return
+        if self._batch is batch:
+            self._batch = None
+        if self._alerts is not None and batch.alerts is not None:
+            await self._alerts.flush_batch(batch.alerts)
+
+    async def _tick_in_batch(self, rule: RuleBase, tick_batch: TickBatch) -> TickResult:
+        batch = tick_batch.alerts
         run_id = await self._store.start_run(rule.name)
         result = TickResult(rule.name)
         try:
@@ -105,7 +154,12 @@ class RuleEngine:
                 alert_decisions = [*result.decisions, *outcome_alerts(rule, result.outcomes)]
                 repeat = rule.repeat_every if isinstance(rule, LowBalanceRule) else None
                 await self._alerts.handle_run(
-                    rule.name, alert_decisions, now, repeat_interval=repeat
+                    rule.name,
+                    alert_decisions,
+                    now,
+                    repeat_interval=repeat,
+                    kind=rule.kind,
+                    batch=batch,
                 )
         except asyncio.CancelledError:
             # Shutdown cancelled the tick after its grace time: close the run row so

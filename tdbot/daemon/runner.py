@@ -1,7 +1,8 @@
 """Start, run and stop the daemon; and the one-pass `tdbot check`.
 
 Start-up order: logging with secrets redacted, rules, store, API client, notifiers,
-reconciliation of actions a crash left unfinished, heartbeat endpoint, scheduler.
+reconciliation of actions a crash left unfinished, heartbeat endpoint, Telegram chat
+commands, scheduler.
 Shutdown (SIGTERM or SIGINT) runs it backwards: no new ticks, running ticks get
 `shutdown_timeout` to finish and are then cancelled, and every connection is closed.
 """
@@ -16,7 +17,7 @@ import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
@@ -28,7 +29,7 @@ from tdbot.actions.reconcile import reconcile
 from tdbot.alerts.manager import AlertManager
 from tdbot.clock import Clock, SystemClock
 from tdbot.config import Secrets, Settings
-from tdbot.daemon.engine import RuleEngine
+from tdbot.daemon.engine import RuleEngine, TickResult
 from tdbot.daemon.scheduler import create_scheduler, schedule_rules
 from tdbot.daemon.snapshot import SnapshotProvider
 from tdbot.logsafe import configure_logging
@@ -43,6 +44,10 @@ logger = logging.getLogger("tdbot.daemon")
 
 # Idle samples are kept at least this long, so recent evidence stays readable.
 SAMPLE_RETENTION = timedelta(days=1)
+
+# Awaited after every scheduled tick with its rule and result, such as the chat bot's
+# hook that requests a confirmation of a deploy the executor held back.
+TickListener = Callable[[RuleBase, TickResult], Awaitable[None]]
 
 
 @dataclass
@@ -59,6 +64,10 @@ class Daemon:
     clock: Clock
     running_ticks: set[asyncio.Task[object]] = field(default_factory=set)
     heartbeat_url: str | None = None
+    executor: ActionExecutor | None = None
+    scheduler: AsyncIOScheduler | None = None
+    started_at: datetime | None = None
+    tick_listeners: list[TickListener] = field(default_factory=list)
 
 
 def build_notifier(settings: Settings, secrets: Secrets) -> Notifier:
@@ -132,7 +141,18 @@ async def open_daemon(
         engine = RuleEngine(
             store=store, snapshots=snapshots, executor=executor, alerts=alerts, clock=clock
         )
-        yield Daemon(settings, store, client, engine, snapshots, notifier, rules, clock)
+        yield Daemon(
+            settings,
+            store,
+            client,
+            engine,
+            snapshots,
+            notifier,
+            rules,
+            clock,
+            executor=executor,
+            started_at=clock.now(),
+        )
     finally:
         await client.aclose()
         await store.close()
@@ -169,7 +189,7 @@ async def run_daemon(
         try:
             for line in await reconcile(daemon.client, daemon.store):
                 logger.warning("reconciled after restart: %s", line)
-            async with _heartbeat_server(daemon, secrets):
+            async with _heartbeat_server(daemon, secrets), _chat_bot(daemon, secrets):
                 await _schedule_until_stopped(daemon, stop, started)
         finally:
             await daemon.notifier.stop()
@@ -183,18 +203,21 @@ async def _schedule_until_stopped(
     started: Callable[[Daemon], Awaitable[None]] | None,
 ) -> None:
     scheduler = create_scheduler()
+    daemon.scheduler = scheduler
 
     async def job(rule: RuleBase) -> None:
         task = asyncio.current_task()
         assert task is not None
         daemon.running_ticks.add(task)
         try:
-            await daemon.engine.run_rule(rule)
+            result = await daemon.engine.run_rule(rule)
+            await _notify_tick_listeners(daemon, rule, result)
         finally:
             daemon.running_ticks.discard(task)
 
     schedule_rules(scheduler, daemon.rules, job, time_scale=daemon.clock.time_scale)
     schedule_maintenance(scheduler, daemon)
+    schedule_digest(scheduler, daemon)
     scheduler.start()
     if started is not None:
         await started(daemon)
@@ -219,6 +242,15 @@ async def _schedule_until_stopped(
         scheduler.shutdown(wait=False)
 
 
+async def _notify_tick_listeners(daemon: Daemon, rule: RuleBase, result: TickResult) -> None:
+    for listener in daemon.tick_listeners:
+        try:
+            await listener(rule, result)
+        except Exception:
+            # A failing listener must not fail the tick or keep the others from running.
+            logger.exception("tick listener failed after rule %s", rule.name)
+
+
 def schedule_maintenance(scheduler: AsyncIOScheduler, daemon: Daemon) -> None:
     """Run `prune_samples` every hour of the daemon's clock."""
     interval = timedelta(hours=1).total_seconds() / daemon.clock.time_scale
@@ -239,6 +271,29 @@ async def prune_samples(daemon: Daemon) -> int:
     removed = await daemon.store.prune_idle_samples(older_than=daemon.clock.now() - keep)
     logger.info("maintenance: removed %d idle samples older than %s", removed, keep)
     return removed
+
+
+def schedule_digest(scheduler: AsyncIOScheduler, daemon: Daemon) -> None:
+    """Send the daily digest at `alerts.digest_time` in `alerts.digest_timezone`, if set.
+
+    The trigger runs on the wall clock, so on the demo's faster clock the digest still
+    comes once a real day.
+    """
+    from tdbot.alerts.digest import digest_trigger, send_digest
+
+    settings = daemon.settings.alerts
+    trigger = digest_trigger(settings.digest_time, settings.digest_timezone)
+    if trigger is None:
+        return
+    scheduler.add_job(
+        send_digest,
+        trigger=trigger,
+        args=[daemon.store, daemon.notifier, daemon.clock],
+        id="digest",
+        name="digest",
+        replace_existing=True,
+    )
+    logger.info("daily digest scheduled at %s %s", settings.digest_time, settings.digest_timezone)
 
 
 async def _wait_any(*events: asyncio.Event) -> None:
@@ -282,6 +337,29 @@ async def _heartbeat_server(daemon: Daemon, secrets: Secrets) -> AsyncIterator[N
         daemon.heartbeat_url = f"{server.url}/v1/heartbeat"
         logger.info("heartbeat endpoint listening on %s", daemon.heartbeat_url)
         yield
+
+
+@contextlib.asynccontextmanager
+async def _chat_bot(daemon: Daemon, secrets: Secrets) -> AsyncIterator[None]:
+    settings = daemon.settings.telegram
+    if not secrets.telegram_bot_token or not settings.commands:
+        yield
+        return
+
+    from tdbot.bot import BotStartError, ChatBot
+
+    bot = ChatBot(daemon, secrets.telegram_bot_token)
+    try:
+        await bot.start()
+    except BotStartError as error:
+        # Alerts still work without commands, so the daemon keeps running.
+        logger.error("Telegram chat commands are off: %s", error)
+        yield
+        return
+    try:
+        yield
+    finally:
+        await bot.stop()
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:

@@ -200,7 +200,7 @@ class DeployPolicy(Strict):
     internal_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
         default_factory=lambda: [22]
     )
-    confirm: bool = Field(default=True, description="wait for a confirmation before deploying")
+    confirm: bool = Field(default=True, description="ask in Telegram before deploying")
 
 
 class CheapestHostnodeRule(RuleBase):

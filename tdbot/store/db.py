@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from tdbot.store.tables import (
     ActionState,
     AlertRecord,
     AlertState,
+    ConfirmationRecord,
     DecisionRecord,
     IdleSampleRecord,
     PriceSnapshot,
@@ -76,6 +78,17 @@ def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+@dataclass(frozen=True)
+class PricePoint:
+    """One stored price change: USD per GPU-hour of a model on a hostnode from `taken_at`."""
+
+    gpu_model: str
+    taken_at: datetime
+    hostnode_id: str
+    usd_per_gpu_hour: float
+    available: bool
+
+
 class Store:
     """Async access to every table; open with `await Store.open(url_or_path)`."""
 
@@ -83,6 +96,7 @@ class Store:
         self.engine = engine
         self._clock = clock
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+        self._price_cache: dict[tuple[str, str], tuple[float, bool]] | None = None
 
     @classmethod
     async def open(
@@ -318,36 +332,23 @@ class Store:
         """Store each (hostnode, GPU model) price whose value or availability changed.
 
         A pair that was available before and is missing from this snapshot gets a row
-        marked unavailable, so the history shows when it went away.
+        marked unavailable, so the history shows when it went away. The latest price
+        of each pair is read from the table once and then kept in memory, because a
+        query for it on every tick grows with the history.
         """
         if snapshot.hostnodes is None:
             return 0
         current = _current_prices(snapshot)
-        latest_ids = select(func.max(PriceSnapshot.id)).group_by(
-            col(PriceSnapshot.hostnode_id), col(PriceSnapshot.gpu_model)
-        )
-        async with self._sessions() as session:
-            previous = {
-                (row.hostnode_id, row.gpu_model): row
-                for row in (
-                    await session.exec(
-                        select(PriceSnapshot).where(col(PriceSnapshot.id).in_(latest_ids))
-                    )
-                ).all()
-            }
-            for key, row in previous.items():
-                if key not in current and row.available:
-                    current[key] = (row.usd_per_gpu_hour, False)
+        previous = await self._latest_prices()
+        for key, (price, available) in previous.items():
+            if key not in current and available:
+                current[key] = (price, False)
 
-            added = 0
-            for (hostnode_id, gpu_model), (price, available) in current.items():
-                last = previous.get((hostnode_id, gpu_model))
-                if (
-                    last is not None
-                    and last.usd_per_gpu_hour == price
-                    and last.available == available
-                ):
-                    continue
+        changed = {key: value for key, value in current.items() if previous.get(key) != value}
+        if not changed:
+            return 0
+        async with self._sessions() as session:
+            for (hostnode_id, gpu_model), (price, available) in changed.items():
                 session.add(
                     PriceSnapshot(
                         taken_at=snapshot.taken_at,
@@ -357,22 +358,55 @@ class Store:
                         available=available,
                     )
                 )
-                added += 1
             await session.commit()
-        return added
+        previous.update(changed)
+        return len(changed)
+
+    async def _latest_prices(self) -> dict[tuple[str, str], tuple[float, bool]]:
+        # NOTE: the cache assumes this process is the only writer of price history,
+        # as it is for one daemon per database.
+        if self._price_cache is not None:
+            return self._price_cache
+        latest_ids = select(func.max(PriceSnapshot.id)).group_by(
+            col(PriceSnapshot.hostnode_id), col(PriceSnapshot.gpu_model)
+        )
+        query = select(
+            PriceSnapshot.hostnode_id,
+            PriceSnapshot.gpu_model,
+            PriceSnapshot.usd_per_gpu_hour,
+            PriceSnapshot.available,
+        ).where(col(PriceSnapshot.id).in_(latest_ids))
+        async with self._sessions() as session:
+            rows = (await session.exec(query)).all()
+        self._price_cache = {
+            (hostnode_id, gpu_model): (price, available)
+            for hostnode_id, gpu_model, price, available in rows
+        }
+        return self._price_cache
 
     async def price_history(
         self, gpu_model: str, *, since: datetime, until: datetime | None = None
-    ) -> list[PriceSnapshot]:
+    ) -> list[PricePoint]:
+        """Price changes of one GPU model in a time range, oldest first.
+
+        Plain rows instead of ORM objects, because a year of history has thousands of
+        rows and building an ORM object for each costs several times the query.
+        """
         query = (
-            select(PriceSnapshot)
+            select(
+                PriceSnapshot.taken_at,
+                PriceSnapshot.hostnode_id,
+                PriceSnapshot.usd_per_gpu_hour,
+                PriceSnapshot.available,
+            )
             .where(PriceSnapshot.gpu_model == gpu_model, PriceSnapshot.taken_at >= since)
             .order_by(col(PriceSnapshot.taken_at))
         )
         if until is not None:
             query = query.where(PriceSnapshot.taken_at < until)
         async with self._sessions() as session:
-            return list((await session.exec(query)).all())
+            rows = (await session.exec(query)).all()
+        return [PricePoint(gpu_model, *row) for row in rows]
 
     # --- alerts ------------------------------------------------------------------
 
@@ -476,6 +510,123 @@ class Store:
         async with self._sessions() as session:
             return list((await session.exec(query)).all())
 
+    # --- alert silences, inhibition and the daily digest (tdbot.alerts) ----------
+
+    async def get_alert(self, alert_id: int) -> AlertRecord | None:
+        async with self._sessions() as session:
+            return await session.get(AlertRecord, alert_id)
+
+    async def set_alert_silence(self, alert_id: int, until: datetime | None) -> AlertRecord | None:
+        """Silence the firing alert `alert_id` until a time, or lift its silence with None.
+
+        Returns the updated alert, or None when no firing alert has that id. The state
+        check and the write are one conditional UPDATE, so a resolved alert never changes.
+        """
+        statement = (
+            update(AlertRecord)
+            .where(
+                col(AlertRecord.id) == alert_id,
+                col(AlertRecord.state) == AlertState.FIRING.value,
+            )
+            .values(silenced_until=until)
+        )
+        async with self._sessions() as session:
+            result = await session.exec(statement)
+            await session.commit()
+            if result.rowcount != 1:
+                return None
+            return await session.get(AlertRecord, alert_id)
+
+    async def latest_vm_observations(self) -> dict[str, VmObservation]:
+        """The newest observation of every VM ever observed, keyed by VM id."""
+        latest_ids = select(func.max(VmObservation.id)).group_by(col(VmObservation.vm_id))
+        query = select(VmObservation).where(col(VmObservation.id).in_(latest_ids))
+        async with self._sessions() as session:
+            return {row.vm_id: row for row in (await session.exec(query)).all()}
+
+    async def vm_observation_history(
+        self, *, since: datetime, until: datetime
+    ) -> dict[str, list[VmObservation]]:
+        """Observations per VM, oldest first, taken before `until`.
+
+        Each VM's list starts with its last observation at or before `since`, when there
+        is one, because that row gives the VM's status and cost when the span began.
+        """
+        at_start = (
+            select(func.max(VmObservation.id))
+            .where(col(VmObservation.observed_at) <= since)
+            .group_by(col(VmObservation.vm_id))
+        )
+        inside = (col(VmObservation.observed_at) > since) & (col(VmObservation.observed_at) < until)
+        query = (
+            select(VmObservation)
+            .where(col(VmObservation.id).in_(at_start) | inside)
+            .order_by(col(VmObservation.vm_id), col(VmObservation.observed_at))
+        )
+        async with self._sessions() as session:
+            rows = (await session.exec(query)).all()
+
+        history: dict[str, list[VmObservation]] = {}
+        for row in rows:
+            history.setdefault(row.vm_id, []).append(row)
+        return history
+
+    async def first_vm_observation(
+        self, vm_id: str, *, statuses: Sequence[str], after: datetime, until: datetime
+    ) -> VmObservation | None:
+        """The earliest observation of `vm_id` in one of `statuses`, in (after, until)."""
+        query = (
+            select(VmObservation)
+            .where(
+                VmObservation.vm_id == vm_id,
+                col(VmObservation.status).in_(list(statuses)),
+                col(VmObservation.observed_at) > after,
+                col(VmObservation.observed_at) < until,
+            )
+            .order_by(col(VmObservation.observed_at))
+            .limit(1)
+        )
+        async with self._sessions() as session:
+            return (await session.exec(query)).first()
+
+    async def alerts_changed_between(self, since: datetime, until: datetime) -> list[AlertRecord]:
+        """Alerts opened or resolved in [since, until), oldest first."""
+        opened = (col(AlertRecord.first_fired_at) >= since) & (
+            col(AlertRecord.first_fired_at) < until
+        )
+        resolved = (col(AlertRecord.resolved_at) >= since) & (col(AlertRecord.resolved_at) < until)
+        query = select(AlertRecord).where(opened | resolved).order_by(col(AlertRecord.id))
+        async with self._sessions() as session:
+            return list((await session.exec(query)).all())
+
+    async def actions_created_between(self, since: datetime, until: datetime) -> list[ActionRecord]:
+        """Journal rows created in [since, until), oldest first."""
+        query = (
+            select(ActionRecord)
+            .where(col(ActionRecord.created_at) >= since, col(ActionRecord.created_at) < until)
+            .order_by(col(ActionRecord.id))
+        )
+        async with self._sessions() as session:
+            return list((await session.exec(query)).all())
+
+    async def actions_in_state(
+        self, kind: str, state: ActionState, *, updated_before: datetime
+    ) -> list[ActionRecord]:
+        """Journal rows of one kind in one state, last changed before a time, oldest first."""
+        query = (
+            select(ActionRecord)
+            .where(
+                ActionRecord.kind == kind,
+                ActionRecord.state == state.value,
+                col(ActionRecord.updated_at) < updated_before,
+            )
+            .order_by(col(ActionRecord.id))
+        )
+        async with self._sessions() as session:
+            return list((await session.exec(query)).all())
+
+    # --- end of alert silences, inhibition and the daily digest ------------------
+
     # --- intent journal ----------------------------------------------------------
 
     async def record_intent(
@@ -569,6 +720,68 @@ class Store:
             query = query.where(ActionRecord.rule == rule)
         async with self._sessions() as session:
             return list((await session.exec(query)).all())
+
+    # --- confirmations -----------------------------------------------------------
+
+    async def add_confirmation(self, confirmation: ConfirmationRecord) -> ConfirmationRecord:
+        """Store a new confirmation question and return it."""
+        async with self._sessions() as session:
+            session.add(confirmation)
+            await session.commit()
+            return confirmation
+
+    async def get_confirmation(self, confirmation_id: str) -> ConfirmationRecord | None:
+        async with self._sessions() as session:
+            return await session.get(ConfirmationRecord, confirmation_id)
+
+    async def claim_confirmation(self, confirmation_id: str, *, now: datetime) -> bool:
+        """Mark an unused, unexpired confirmation used; True only for the one caller that did.
+
+        The check and the write are one conditional UPDATE, so two presses of the same
+        button never both win.
+        """
+        statement = (
+            update(ConfirmationRecord)
+            .where(
+                col(ConfirmationRecord.id) == confirmation_id,
+                col(ConfirmationRecord.used_at).is_(None),
+                col(ConfirmationRecord.expires_at) > now,
+            )
+            .values(used_at=now)
+        )
+        async with self._sessions() as session:
+            result = await session.exec(statement)
+            await session.commit()
+            return bool(result.rowcount == 1)
+
+    async def finish_confirmation(self, confirmation_id: str, outcome: str) -> None:
+        """Store what came of a claimed confirmation, such as "done" or "cancelled"."""
+        statement = (
+            update(ConfirmationRecord)
+            .where(col(ConfirmationRecord.id) == confirmation_id)
+            .values(outcome=outcome)
+        )
+        async with self._sessions() as session:
+            await session.exec(statement)
+            await session.commit()
+
+    async def open_confirmation(
+        self, *, origin: str, action: str, subject: str, now: datetime
+    ) -> ConfirmationRecord | None:
+        """Return an unused, unexpired confirmation for the same action and subject, if any."""
+        query = (
+            select(ConfirmationRecord)
+            .where(
+                ConfirmationRecord.origin == origin,
+                ConfirmationRecord.action == action,
+                ConfirmationRecord.subject == subject,
+                col(ConfirmationRecord.used_at).is_(None),
+                col(ConfirmationRecord.expires_at) > now,
+            )
+            .order_by(col(ConfirmationRecord.created_at).desc())
+        )
+        async with self._sessions() as session:
+            return (await session.exec(query)).first()
 
 
 # --- helpers -------------------------------------------------------------------------

@@ -226,3 +226,31 @@ class RuleStateRecord(SQLModel, table=True):
     key: str
     value: Any = Field(default=None, sa_type=JSON)
     updated_at: datetime = Field(sa_type=UtcDateTime)
+
+
+class ConfirmationRecord(SQLModel, table=True):
+    """A pending question "do this?" asked in a chat with Confirm and Cancel buttons.
+
+    `id` is a short random text that goes into the buttons' callback data.
+    `Store.claim_confirmation` sets `used_at` with a conditional UPDATE only before
+    `expires_at` and only once, so a row is used at most once. `chat_id` and `user_id`
+    are None for a question a rule asked, which any allowed user may answer. `origin`
+    is the rule that asked, or "chat" for a chat command. `params` describes the action
+    and contains no secret.
+    """
+
+    __tablename__ = "confirmation"
+    __table_args__ = (Index("ix_confirmation_open", "action", "subject", "origin"),)
+
+    id: str = Field(primary_key=True, max_length=16)
+    chat_id: int | None = None
+    user_id: int | None = None
+    origin: str
+    action: str
+    subject: str
+    summary: str
+    params: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    created_at: datetime = Field(sa_type=UtcDateTime)
+    expires_at: datetime = Field(sa_type=UtcDateTime)
+    used_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    outcome: str | None = None
