@@ -12,6 +12,7 @@ import pytest
 
 from tdbot.actions import ActionExecutor, OutcomeStatus, guards, reconcile
 from tdbot.actions.deploying import pick_ports
+from tdbot.actions.reconcile import DEPLOY_SETTLE_WINDOW
 from tdbot.evaluation.model import (
     CancelIdleWarning,
     Deploy,
@@ -90,7 +91,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
             read_retries=1,
             backoff_seconds=0.01,
         )
-        store = await Store.open(tmp_path / "tdbot.db")
+        store = await Store.open(tmp_path / "tdbot.db", clock=market.clock.now)
         try:
             yield Env(market, client, store, on_demand, spot, stopped)
         finally:
@@ -566,13 +567,49 @@ async def test_reconcile_after_crash(env: Env) -> None:
     found = await journal_row(store, found_id)
     assert found.state == ActionState.VERIFIED
     assert found.vm_id == created.id
+    assert (await journal_row(store, lost_id)).state == ActionState.UNKNOWN
+    assert (await journal_row(store, rebid_id)).state == ActionState.FAILED
+    assert len(env.market.vms) == vm_count
+    assert await store.deployed_vm_ids(RULE.name) == frozenset({created.id})
+
+    # The lost deploy stays open until its window has passed with no VM of that name.
+    env.market.advance(DEPLOY_SETTLE_WINDOW + timedelta(minutes=1))
+    await reconcile(env.client, store)
+
     lost = await journal_row(store, lost_id)
     assert lost.state == ActionState.FAILED
     assert "response lost, not re-sent" in (lost.error or "")
-    assert (await journal_row(store, rebid_id)).state == ActionState.FAILED
     assert await store.unfinished_actions() == []
     assert len(env.market.vms) == vm_count
+
+
+async def test_late_deploy_found_by_recheck(env: Env) -> None:
+    store = env.store
+    action_id = await store.record_intent(RULE.name, ActionKind.DEPLOY, "test-rule-1", {})
+    await store.mark_action(action_id, ActionState.SENT)
+
+    first = await reconcile(env.client, store)
+    # The slow API carries the deploy out after the first check.
+    created = env.market.add_vm(hostnode_id=HOST_4090, gpu_model=GPU_4090, name="test-rule-1")
+    env.market.advance(timedelta(minutes=3))
+    second = await reconcile(env.client, store, min_age=timedelta(minutes=2))
+
+    assert "stays open" in first[0]
+    assert "exists as" in second[0]
+    row = await journal_row(store, action_id)
+    assert row.state == ActionState.VERIFIED
+    assert row.vm_id == created.id
     assert await store.deployed_vm_ids(RULE.name) == frozenset({created.id})
+
+
+async def test_recheck_skips_fresh_actions(env: Env) -> None:
+    action_id = await env.store.record_intent(RULE.name, ActionKind.STOP, env.on_demand.id, {})
+    await env.store.mark_action(action_id, ActionState.SENT)
+
+    lines = await reconcile(env.client, env.store, min_age=timedelta(minutes=2))
+
+    assert lines == []
+    assert (await journal_row(env.store, action_id)).state == ActionState.SENT
 
 
 async def test_reconcile_keeps_unreachable_open(env: Env) -> None:

@@ -175,6 +175,19 @@ def test_no_offers_reports_and_resolves() -> None:
     assert [d.subject for d in of_type(decisions, ResolveAlert)] == ["best"]
 
 
+def test_deploy_name_skips_listed_names() -> None:
+    rule = make_rule(deploy=deploy_policy(name_template="{rule}-box-{n}", confirm=False))
+    listed = {
+        f"vm-{number}": VirtualMachine(id=f"vm-{number}", name=f"cheap-4090-box-{number}")
+        for number in (1, 2, 4)
+    }
+    snapshot = replace(SNAPSHOT, vms={**VMS, **listed})
+
+    deploys = of_type(evaluate(rule, snapshot, RuleState(), NOW), Deploy)
+
+    assert [deploy.vm_name for deploy in deploys] == ["cheap-4090-box-3"]
+
+
 def test_deploy_fills_policy() -> None:
     rule = make_rule(
         deploy=deploy_policy(
@@ -195,7 +208,7 @@ def test_deploy_fills_policy() -> None:
     assert deploy.gpu_model == "geforcertx4090-pcie-24gb"
     assert (deploy.gpu_count, deploy.vcpus, deploy.ram_gb, deploy.storage_gb) == (1, 8, 32, 200)
     assert deploy.price_usd_per_hour == 0.428
-    assert deploy.vm_name == "cheap-4090-box-2"
+    assert deploy.vm_name == "cheap-4090-box-1"
     assert deploy.internal_ports == (22, 8888)
     assert deploy.ssh_public_key == "ssh-ed25519 AAAA test"
     assert deploy.max_usd_per_hour == 0.5

@@ -353,6 +353,10 @@ class ActionExecutor:
         # The ladder is done; a later outbid starts a new one from the new bid.
         await self.store.save_ladder(rule.name, decision.subject, None)
         message = f"VM {decision.subject} is Running at a bid of ${decision.bid_usd_per_hour:.4f}/h"
+        reported = vm.spot_bid if vm is not None else None
+        if reported is not None and round(reported, 4) != round(decision.bid_usd_per_hour, 4):
+            # The status is what proves the re-bid; a different bid is shown, not hidden.
+            message += f", though the API reports a bid of ${reported:.4f}/h"
         if lost:
             message += " (response was lost)"
         return ActionOutcome(decision, entry.action_id, OutcomeStatus.DONE, message)

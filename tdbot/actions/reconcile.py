@@ -1,14 +1,20 @@
-"""Settle the actions a crash or a lost response left open, at daemon start.
+"""Settle the actions a crash or a lost response left open: at start, then every minute.
 
 Nothing is ever re-sent here: each open action is checked against the account as it
 is now and marked verified (the change is there) or failed (it is not). An action
-that cannot be checked, because the API did not respond, stays open for the next start.
+that cannot be checked, because the API did not respond, stays open for the next check.
+
+A deploy is the exception to settling at once. The API may still carry out a deploy
+whose response was lost (its calls can take minutes), so while its VM is not listed it
+stays unknown for DEPLOY_SETTLE_WINDOW. An open deploy blocks another deploy under the
+same name, so the VM is never created twice.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
 from tdbot.actions.deploying import LIST_ENDPOINT, find_by_name
 from tdbot.actions.journal import JournalEntry
@@ -21,6 +27,9 @@ from tdbot.tensordock.models import VirtualMachine, VmStatus
 logger = logging.getLogger("tdbot.actions.reconcile")
 
 GET_ENDPOINT = "client/get/single"
+
+# How long a deploy with a lost response stays open while its VM is not listed.
+DEPLOY_SETTLE_WINDOW = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -48,11 +57,19 @@ class _VmList:
         return self.vms
 
 
-async def reconcile(client: TensorDockClient, store: Store) -> list[str]:
-    """Check every action in state intent, sent or unknown; return one line per action."""
+async def reconcile(
+    client: TensorDockClient, store: Store, *, min_age: timedelta = timedelta(0)
+) -> list[str]:
+    """Check every action in state intent, sent or unknown; return one line per action.
+
+    Actions updated less than `min_age` ago are left alone, because the executor may
+    still be working on them.
+    """
     vm_list = _VmList(client)
     lines: list[str] = []
     for action in await store.unfinished_actions():
+        if store.now() - action.updated_at < min_age:
+            continue
         entry = JournalEntry(store, _action_id(action))
         try:
             settled = await _settle(client, store, action, entry, vm_list)
@@ -122,8 +139,23 @@ async def _settle_deploy(
         return _Settlement(ActionState.VERIFIED, reason, vm_id=vm.id)
     if never_sent:
         return _Settlement(ActionState.FAILED, f"the deploy of {action.subject} was never sent")
-    reason = f"response lost, not re-sent: no VM named {action.subject} is listed"
+    waited = store.now() - action.created_at
+    if waited < DEPLOY_SETTLE_WINDOW:
+        window = _minutes(DEPLOY_SETTLE_WINDOW)
+        reason = (
+            f"response lost and no VM named {action.subject} is listed yet; the deploy stays "
+            f"open, and blocks another deploy of that name, for up to {window}"
+        )
+        return _Settlement(ActionState.UNKNOWN, reason)
+    reason = (
+        f"response lost, not re-sent: no VM named {action.subject} is listed "
+        f"{_minutes(waited)} after the deploy"
+    )
     return _Settlement(ActionState.FAILED, reason)
+
+
+def _minutes(delta: timedelta) -> str:
+    return f"{int(delta.total_seconds() // 60)} min"
 
 
 def _expected_statuses(action: ActionRecord) -> tuple[VmStatus, ...]:

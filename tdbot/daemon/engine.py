@@ -44,6 +44,8 @@ class TickResult:
     outcomes: list[ActionOutcome] = field(default_factory=list)
     skipped: str | None = None
     error: str | None = None
+    # Parts of the market that failed to load for this tick, with their errors.
+    data_errors: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,6 +135,7 @@ class RuleEngine:
         result = TickResult(rule.name)
         try:
             snapshot = await self._snapshots.get()
+            result.data_errors = dict(snapshot.errors)
             await self._record_snapshot(snapshot)
             now = self._clock.now()
 

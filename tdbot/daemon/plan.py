@@ -10,7 +10,10 @@ from tdbot.evaluation.model import Decision
 
 
 def print_plan(results: Sequence[TickResult], out: TextIO) -> int:
-    """Write each rule's decisions and what would be done; return 1 if a rule failed."""
+    """Write each rule's decisions and what would be done.
+
+    Returns 1 when a rule failed or part of the account could not be read, else 0.
+    """
     failed = 0
     for result in results:
         out.write(f"rule {result.rule}:\n")
@@ -28,12 +31,20 @@ def print_plan(results: Sequence[TickResult], out: TextIO) -> int:
         for outcome in result.outcomes:
             out.write(f"    -> {outcome.status}: {outcome.message}\n")
 
+    data_errors: dict[str, str] = {}
+    for result in results:
+        data_errors.update(result.data_errors)
+    for part, error in sorted(data_errors.items()):
+        out.write(f"\nCould not load {part}: {error}\n")
+
     total = sum(len(result.decisions) for result in results)
     out.write(
         f"\n{len(results)} rules checked, {total} decisions, {failed} failed. "
         "Nothing was changed (dry run).\n"
     )
-    return 1 if failed else 0
+    if data_errors:
+        out.write("The plan is incomplete because part of the account could not be read.\n")
+    return 1 if failed or data_errors else 0
 
 
 def describe_decision(decision: Decision) -> str:

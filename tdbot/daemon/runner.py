@@ -28,7 +28,7 @@ from tdbot.actions.executor import ActionExecutor
 from tdbot.actions.reconcile import reconcile
 from tdbot.alerts.manager import AlertManager
 from tdbot.clock import Clock, SystemClock
-from tdbot.config import Secrets, Settings
+from tdbot.config import ConfigError, Secrets, Settings
 from tdbot.daemon.engine import RuleEngine, TickResult
 from tdbot.daemon.scheduler import create_scheduler, schedule_rules
 from tdbot.daemon.snapshot import SnapshotProvider
@@ -44,6 +44,8 @@ logger = logging.getLogger("tdbot.daemon")
 
 # Idle samples are kept at least this long, so recent evidence stays readable.
 SAMPLE_RETENTION = timedelta(days=1)
+# Open actions younger than this are left to the executor that is working on them.
+RECHECK_MIN_AGE = timedelta(minutes=2)
 
 # Awaited after every scheduled tick with its rule and result, such as the chat bot's
 # hook that requests a confirmation of a deploy the executor held back.
@@ -89,7 +91,16 @@ def build_notifier(settings: Settings, secrets: Secrets) -> Notifier:
 
 
 def load_rule_list(settings: Settings) -> list[RuleBase]:
-    """Load the rule folder; invalid rules are logged and left out, the others run."""
+    """Load the rule folder; invalid rules are logged and left out, the others run.
+
+    Raises ConfigError when the folder does not exist, since a daemon with no rules
+    guards nothing.
+    """
+    if not settings.daemon.rules_dir.exists():
+        raise ConfigError(
+            f"rules folder {settings.daemon.rules_dir} not found; create it with rule files "
+            "or set daemon.rules_dir in the configuration"
+        )
     rule_set = load_rules(settings.daemon.rules_dir)
     for error in rule_set.errors:
         logger.error("invalid rule, not scheduled: %s", error)
@@ -228,11 +239,7 @@ async def _schedule_until_stopped(
             await _wait_any(stop, reload)
             if reload.is_set() and not stop.is_set():
                 reload.clear()
-                daemon.rules = load_rule_list(daemon.settings)
-                daemon.snapshots.parts = SnapshotProvider.parts_for(
-                    {rule.kind for rule in daemon.rules}
-                )
-                schedule_rules(scheduler, daemon.rules, job, time_scale=daemon.clock.time_scale)
+                _reload_rules(daemon, scheduler, job)
     finally:
         logger.info("stopping: no new ticks; waiting for %d running", len(daemon.running_ticks))
         # APScheduler 3.11's AsyncIOExecutor cancels running coroutine jobs on shutdown,
@@ -251,17 +258,45 @@ async def _notify_tick_listeners(daemon: Daemon, rule: RuleBase, result: TickRes
             logger.exception("tick listener failed after rule %s", rule.name)
 
 
+def _reload_rules(
+    daemon: Daemon, scheduler: AsyncIOScheduler, job: Callable[[RuleBase], Awaitable[None]]
+) -> None:
+    """Replace the rules with the folder's current ones; keep the old ones if it is gone."""
+    try:
+        rules = load_rule_list(daemon.settings)
+    except ConfigError as error:
+        logger.error("reload failed, the previous rules keep running: %s", error)
+        return
+    daemon.rules = rules
+    daemon.snapshots.parts = SnapshotProvider.parts_for({rule.kind for rule in rules})
+    schedule_rules(scheduler, rules, job, time_scale=daemon.clock.time_scale)
+
+
 def schedule_maintenance(scheduler: AsyncIOScheduler, daemon: Daemon) -> None:
-    """Run `prune_samples` every hour of the daemon's clock."""
-    interval = timedelta(hours=1).total_seconds() / daemon.clock.time_scale
-    scheduler.add_job(
-        prune_samples,
-        trigger=IntervalTrigger(seconds=interval, timezone=UTC),
-        args=[daemon],
-        id="maintenance",
-        name="maintenance",
-        replace_existing=True,
+    """Run `prune_samples` every hour and `recheck_open_actions` every minute."""
+    jobs = (
+        (prune_samples, timedelta(hours=1), "maintenance"),
+        (recheck_open_actions, timedelta(minutes=1), "recheck-actions"),
     )
+    for function, every, job_id in jobs:
+        scheduler.add_job(
+            function,
+            trigger=IntervalTrigger(
+                seconds=every.total_seconds() / daemon.clock.time_scale, timezone=UTC
+            ),
+            args=[daemon],
+            id=job_id,
+            name=job_id,
+            replace_existing=True,
+        )
+
+
+async def recheck_open_actions(daemon: Daemon) -> list[str]:
+    """Settle actions left open by lost responses, such as a deploy not listed yet."""
+    lines = await reconcile(daemon.client, daemon.store, min_age=RECHECK_MIN_AGE)
+    for line in lines:
+        logger.info("open action rechecked: %s", line)
+    return lines
 
 
 async def prune_samples(daemon: Daemon) -> int:

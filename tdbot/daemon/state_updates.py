@@ -8,8 +8,9 @@ because they must be written even when a tick fails half-way.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from tdbot.actions.outcome import ActionOutcome, OutcomeStatus
@@ -27,7 +28,12 @@ from tdbot.evaluation.model import (
     WarnIdle,
 )
 from tdbot.rules.schema import CheapestHostnodeRule, IdleStopRule, RuleBase
-from tdbot.store.db import Store
+from tdbot.store.db import ACTION_SUBJECT_PREFIX, Store
+
+logger = logging.getLogger("tdbot.daemon.state")
+
+# How long after its deploy a VM may be missing from the VM list before it counts as gone.
+LISTING_GRACE = timedelta(minutes=10)
 
 if TYPE_CHECKING:
     from tdbot.daemon.engine import TickResult
@@ -46,9 +52,24 @@ async def apply_state_updates(
         best = updated_best_price(rule, snapshot, state)
         if best is not None:
             await store.save_best_price(rule.name, best)
+        await forget_gone_vms(store, rule.name, snapshot)
     if isinstance(rule, IdleStopRule):
         for vm_id, since in running_since_updates(rule, snapshot, state, now).items():
             await store.set_running_since(rule.name, vm_id, since)
+
+
+async def forget_gone_vms(store: Store, rule: str, snapshot: MarketSnapshot) -> None:
+    """Stop counting a deployed VM against `max_vms` once it is gone from the VM list.
+
+    Only VMs recorded LISTING_GRACE before the snapshot are forgotten, so a VM that was
+    deployed a moment ago, and may not be listed yet, keeps its place.
+    """
+    if snapshot.vms is None:
+        return
+    for vm_id, deployed_at in (await store.deployed_vms(rule)).items():
+        if vm_id not in snapshot.vms and deployed_at < snapshot.taken_at - LISTING_GRACE:
+            logger.info("rule %s: deployed VM %s is gone, no longer counted", rule, vm_id)
+            await store.remove_deployed_vm(rule, vm_id)
 
 
 def outcome_alerts(rule: RuleBase, outcomes: Sequence[ActionOutcome]) -> list[Decision]:
@@ -63,7 +84,7 @@ def outcome_alerts(rule: RuleBase, outcomes: Sequence[ActionOutcome]) -> list[De
     for outcome in outcomes:
         decision = outcome.decision
         kind = type(decision).__name__.lower()
-        failure_subject = f"{decision.subject}:{kind}-failed"
+        failure_subject = f"{ACTION_SUBJECT_PREFIX}{kind}:{decision.subject}"
         evidence = {"action_id": outcome.action_id, "status": outcome.status.value}
 
         if isinstance(decision, WarnIdle | CancelIdleWarning):

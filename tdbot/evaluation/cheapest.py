@@ -11,6 +11,7 @@ Alert subjects of this rule kind:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -32,6 +33,7 @@ from tdbot.evaluation.pricing import (
     rank_hostnodes,
 )
 from tdbot.rules.schema import CheapestHostnodeRule, DeployPolicy
+from tdbot.tensordock.models import VirtualMachine
 
 SUBJECT_BEST = "best"
 SUBJECT_NEW_BEST = "new-best"
@@ -242,14 +244,35 @@ def _deploy(
     deployed = len(state.deployed_vm_ids)
     if deployed >= policy.max_vms:
         return []
-    return [_make_deploy(rule, policy, best, deployed)]
+    vm_name = free_vm_name(rule, policy, snapshot.vms)
+    return [_make_deploy(rule, policy, best, deployed, vm_name)]
+
+
+def free_vm_name(
+    rule: CheapestHostnodeRule, policy: DeployPolicy, vms: Mapping[str, VirtualMachine]
+) -> str:
+    """Return the name template with the lowest {n} that no listed VM has.
+
+    A name is how a deploy whose response was lost is found again, so it must not be
+    one a live VM already has; a number freed by a deleted VM is used again.
+    """
+    template = policy.name_template.replace("{rule}", rule.name)
+    taken = {vm.name for vm in vms.values()}
+    number = 1
+    # A template without {n} gives one name; the executor blocks it while it is taken.
+    while "{n}" in template and template.replace("{n}", str(number)) in taken:
+        number += 1
+    return template.replace("{n}", str(number))
 
 
 def _make_deploy(
-    rule: CheapestHostnodeRule, policy: DeployPolicy, best: Offer, deployed: int
+    rule: CheapestHostnodeRule,
+    policy: DeployPolicy,
+    best: Offer,
+    deployed: int,
+    vm_name: str,
 ) -> Deploy:
     sizing = best.sizing
-    vm_name = policy.name_template.replace("{rule}", rule.name).replace("{n}", str(deployed + 1))
     return Deploy(
         rule=rule.name,
         subject=best.hostnode_id,

@@ -72,7 +72,9 @@ class IdleWarningState:
 class RuleState:
     """What earlier ticks stored for one rule.
 
-    `open_alerts` holds the subject of every alert of this rule that is firing.
+    `open_alerts` holds the subject of every alert of this rule that is firing, except
+    alerts about failed actions (subjects starting with "action:"), which are not the
+    evaluation's own.
     The other fields are used by one rule kind each.
     """
 

@@ -108,12 +108,18 @@ def _climb_ladder(
         ]
 
     step = ladder.steps_taken + 1
+    # The ladder climbs from its last try, which may be above the VM's bid when the
+    # API refused that try, so the message names both.
+    placed = vm.spot_bid
+    start = f"${current:.4f}/h"
+    if placed is not None and round(placed, 4) != round(current, 4):
+        start = f"${placed:.4f}/h (last try ${current:.4f}/h)"
     return [
         Rebid(
             rule=rule.name,
             subject=vm.id,
             summary=(
-                f"Spot VM {vm.name} is outbid: raise its bid from ${current:.4f}/h to "
+                f"Spot VM {vm.name} is outbid: raise its bid from {start} to "
                 f"${bid:.4f}/h (step {step} of at most {rule.bid.max_steps}, cap ${cap:.4f}/h)."
             ),
             evidence=evidence | {"new_bid_usd_per_hour": bid, "step": step},

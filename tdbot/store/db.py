@@ -56,6 +56,9 @@ PREFIX_LADDER = "ladder:"
 PREFIX_IDLE_WARNING = "idle_warning:"
 PREFIX_RUNNING_SINCE = "running_since:"
 PREFIX_DEPLOYED = "deployed:"
+# Subjects of alerts about failed actions; they are not the rule's own evaluation
+# alerts, so `RuleState.open_alerts` leaves them out.
+ACTION_SUBJECT_PREFIX = "action:"
 
 
 def database_url(url_or_path: str | Path) -> URL:
@@ -173,7 +176,9 @@ class Store:
             open_alerts = (
                 await session.exec(
                     select(AlertRecord.subject).where(
-                        AlertRecord.rule == rule, AlertRecord.state == AlertState.FIRING.value
+                        AlertRecord.rule == rule,
+                        AlertRecord.state == AlertState.FIRING.value,
+                        ~col(AlertRecord.subject).startswith(ACTION_SUBJECT_PREFIX),
                     )
                 )
             ).all()
@@ -205,6 +210,15 @@ class Store:
 
     async def remove_deployed_vm(self, rule: str, vm_id: str) -> None:
         await self._put_state(rule, PREFIX_DEPLOYED + vm_id, None)
+
+    async def deployed_vms(self, rule: str) -> dict[str, datetime]:
+        """Ids of the VMs this rule deployed, with the time each was recorded."""
+        query = select(RuleStateRecord).where(
+            RuleStateRecord.rule == rule, col(RuleStateRecord.key).startswith(PREFIX_DEPLOYED)
+        )
+        async with self._sessions() as session:
+            rows = (await session.exec(query)).all()
+        return {row.key.removeprefix(PREFIX_DEPLOYED): codec.decode_time(row.value) for row in rows}
 
     async def deployed_vm_ids(self, rule: str) -> frozenset[str]:
         """Ids of every VM this rule deployed and that has not been removed from the list."""
