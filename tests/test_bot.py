@@ -531,6 +531,20 @@ async def test_stop_expired_does_nothing(chat: Chat) -> None:
     assert await chat.daemon.store.recent_actions() == []
 
 
+async def test_expired_pressed_twice_quietly(chat: Chat, caplog: pytest.LogCaptureFixture) -> None:
+    question = await ask_stop(chat, "api-server-4090")
+    chat.market.advance(timedelta(minutes=11))
+    await chat.press(question, "Confirm")
+
+    with caplog.at_level(logging.WARNING, logger="tdbot.bot"):
+        again = await chat.press(question, "Confirm")
+
+    assert "has expired" in again
+    assert chat.api.calls_of("editMessageText")[-1].status == 400
+    assert "could not edit" not in caplog.text
+    assert chat.status("api-server-4090") is VmStatus.RUNNING
+
+
 async def test_stop_pressed_twice_acts_once(chat: Chat) -> None:
     question = await ask_stop(chat, "api-server-4090")
     sent = len(chat.api.messages)

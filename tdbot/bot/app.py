@@ -27,7 +27,7 @@ from telegram import (
     Update,
 )
 from telegram.constants import ParseMode
-from telegram.error import TelegramError
+from telegram.error import BadRequest, TelegramError
 from telegram.ext import (
     AIORateLimiter,
     Application,
@@ -336,6 +336,13 @@ class ChatBot:
         text = render_chunks(closed_message(record, note))[0]
         try:
             await query.edit_message_text(text, parse_mode=ParseMode.HTML)
+        except BadRequest as error:
+            # A second press on an expired question edits in the same text again, which
+            # Telegram rejects as "message is not modified"; the message is right already.
+            if "not modified" in str(error).lower():
+                logger.debug("confirmation %s already shows its outcome", record.id)
+                return
+            logger.warning("could not edit confirmation %s: %s", record.id, self._describe(error))
         except TelegramError as error:
             # The message may be too old to edit; the answer was sent already.
             logger.warning("could not edit confirmation %s: %s", record.id, self._describe(error))
