@@ -11,15 +11,18 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from tdbot.rules import LoadedRule, RuleError, RuleSet, load_rules, validate_command
+from tdbot.rules import LoadedRule, RuleError, RuleSet, limits, load_rules, validate_command
 from tdbot.rules.errors import model_at
+from tdbot.rules.limits import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES
 from tdbot.rules.positions import Position, toml_positions
 from tdbot.rules.schema import (
+    MAX_DURATION,
     RULE_KINDS,
     CheapestHostnodeRule,
     IdleStopRule,
     LowBalanceRule,
     SpotRebidRule,
+    parse_duration,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,9 +169,26 @@ BAD_FILES = [
     ("yaml_syntax.yaml", "6:12: syntax: ", "invalid YAML: expected ',' or ']'"),
     ("toml_syntax.toml", "3:11: syntax: ", 'put text in double quotes, such as every = "10m"'),
 ]
+# Files in a subfolder, which loading the rules_bad folder does not read.
+UNSAFE_FILES = [
+    (
+        "unsafe/python_tag.yaml",
+        "4:8: tag: ",
+        "tags are not allowed in rule files; remove !!python/object/apply:os.system",
+    ),
+    (
+        "unsafe/duration_too_long.toml",
+        "3:9: every: ",
+        "is too long; a duration is at most 366 days",
+    ),
+]
 
 
-@pytest.mark.parametrize(("name", "prefix", "hint"), BAD_FILES, ids=[case[0] for case in BAD_FILES])
+@pytest.mark.parametrize(
+    ("name", "prefix", "hint"),
+    BAD_FILES + UNSAFE_FILES,
+    ids=[case[0] for case in BAD_FILES + UNSAFE_FILES],
+)
 def test_bad_file_reports_position_and_fix(name: str, prefix: str, hint: str) -> None:
     path = BAD / name
 
@@ -194,6 +214,21 @@ def test_duplicate_names_error_names_both_files() -> None:
     assert str(error).startswith(f"{folder / 'b-second.toml'}:1:8: name: ")
     assert f"{folder / 'a-first.yaml'}:1:1" in error.message
     assert [loaded.file.name for loaded in ruleset.rules] == ["a-first.yaml"]
+
+
+def test_duplicate_name_points_at_value(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", GOOD_RULE)
+    yaml = "kind: low_balance\nname:   good\nevery: 15m\nfire_below_balance_usd: 5\n"
+    write(tmp_path, "b.yaml", yaml)
+    toml = '[[rule]]\nkind = "low_balance"\nname  =  "good"\nevery = "1h"\n'
+    write(tmp_path, "c.toml", toml + "fire_below_balance_usd = 5\n")
+
+    ruleset = load_rules(tmp_path)
+
+    assert [(error.file.name, error.line, error.column) for error in ruleset.errors] == [
+        ("b.yaml", 2, 9),
+        ("c.toml", 3, 10),
+    ]
 
 
 def test_bad_rule_beside_good_one_keeps_good() -> None:
@@ -408,6 +443,204 @@ def test_messages_carry_no_pydantic_noise(tmp_path: Path) -> None:
         assert "Input should" not in error.message
 
 
+# --- limits and unsafe input ------------------------------------------------------
+
+
+def alias_bomb(levels: int = 10, copies: int = 9) -> str:
+    """A "billion laughs" document: each anchor lists `copies` aliases of the one before."""
+    lines = ["a0: &a0 [" + ", ".join(["lol"] * copies) + "]"]
+    for level in range(1, levels):
+        aliases = ", ".join([f"*a{level - 1}"] * copies)
+        lines.append(f"a{level}: &a{level} [{aliases}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_alias_bomb_rejected(tmp_path: Path) -> None:
+    write(tmp_path, "a-bomb.yaml", alias_bomb())
+    write(tmp_path, "b-good.yaml", GOOD_RULE)
+
+    ruleset = load_rules(tmp_path)
+
+    error = only_error(ruleset)
+    # a4 expands to 66430 nodes, so the first *a4 on line 6 passes the budget.
+    assert str(error).startswith(f"{tmp_path / 'a-bomb.yaml'}:6:10: alias: ")
+    assert f"too many nodes after expanding aliases: more than {MAX_NODES}" in error.message
+    assert "rule files need no nested aliases" in error.message
+    assert [loaded.name for loaded in ruleset.rules] == ["good"]
+
+
+def test_yaml_alias_chain_too_deep(tmp_path: Path) -> None:
+    lines = ["a0: &a0 [x]"]
+    lines += [f"a{level}: &a{level} [*a{level - 1}]" for level in range(1, MAX_DEPTH + 1)]
+
+    error = only_error(load_rules(write(tmp_path, "chain.yaml", "\n".join(lines) + "\n")))
+
+    assert (error.line, error.field) == (MAX_DEPTH, "alias")
+    assert "nesting too deep after expanding aliases" in error.message
+
+
+def test_yaml_alias_inside_own_anchor(tmp_path: Path) -> None:
+    text = "name: loop\nkind: spot_rebid\nevery: 1m\nselect: &s {names: [*s]}\n"
+
+    error = only_error(load_rules(write(tmp_path, "loop.yaml", text)))
+
+    assert str(error).startswith(f"{tmp_path / 'loop.yaml'}:4:21: alias: alias *s is inside")
+
+
+def test_yaml_shared_anchor_loads(tmp_path: Path) -> None:
+    text = """\
+- name: rebid-training
+  kind: spot_rebid
+  every: 1m
+  select: &training {names: ["train-*"], exclude_names: [train-debug]}
+  bid: {step_usd: 0.02, max_usd_per_hour: 0.5}
+- name: idle-training
+  kind: idle_stop
+  every: 2m
+  window: 30m
+  select: *training
+"""
+    ruleset = load_rules(write(tmp_path, "shared.yaml", text))
+
+    assert ruleset.errors == []
+    spot, idle = (loaded.rule for loaded in ruleset.rules)
+    assert isinstance(spot, SpotRebidRule)
+    assert isinstance(idle, IdleStopRule)
+    assert spot.select == idle.select
+    assert idle.select.exclude_names == ["train-debug"]
+
+
+def test_yaml_merge_key_loads(tmp_path: Path) -> None:
+    text = """\
+- &base
+  name: first
+  kind: low_balance
+  every: 15m
+  fire_below_balance_usd: 20
+- <<: *base
+  name: second
+"""
+    ruleset = load_rules(write(tmp_path, "merge.yaml", text))
+
+    assert ruleset.errors == []
+    assert [loaded.name for loaded in ruleset.rules] == ["first", "second"]
+
+
+def test_yaml_many_nodes_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A lower budget keeps the test fast, because parsing MAX_NODES values takes seconds.
+    monkeypatch.setattr(limits, "MAX_NODES", 1_000)
+    text = GOOD_RULE + "---\n" + "[" + ", ".join(["1"] * 1_000) + "]\n"
+
+    error = only_error(load_rules(write(tmp_path, "many.yaml", text)))
+
+    # The rule has 9 nodes and the list 1, so its item 991 (index 990) is node 1001.
+    assert str(error).startswith(f"{tmp_path / 'many.yaml'}:6:{2 + 3 * 990}: file: ")
+    assert "too many nodes: more than 1000 lists, mappings and values" in error.message
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH, 1_000, 100_000])
+def test_yaml_deep_nesting_rejected(depth: int, tmp_path: Path) -> None:
+    text = "name: deep\nkind: spot_rebid\nselect: " + "[" * depth + "]" * depth + "\n"
+
+    error = only_error(load_rules(write(tmp_path, "deep.yaml", text)))
+
+    # The rule mapping is the first level, so the bracket at column 9 + 31 is the 33rd.
+    assert str(error).startswith(f"{tmp_path / 'deep.yaml'}:3:{9 + MAX_DEPTH - 1}: nesting: ")
+    assert error.message.startswith(f"nesting too deep: more than {MAX_DEPTH} levels")
+
+
+def test_yaml_block_nesting_rejected(tmp_path: Path) -> None:
+    text = "".join(f"{'  ' * level}k{level}:\n" for level in range(MAX_DEPTH + 1))
+
+    error = only_error(load_rules(write(tmp_path, "block.yaml", text)))
+
+    assert error.field == "nesting"
+    assert error.line == MAX_DEPTH + 1
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 300, 100_000])
+def test_toml_deep_nesting_rejected(depth: int, tmp_path: Path) -> None:
+    write(tmp_path, "a-deep.toml", "x = " + "[" * depth + "]" * depth + "\n")
+    write(tmp_path, "b-good.yaml", GOOD_RULE)
+
+    ruleset = load_rules(tmp_path)
+
+    error = only_error(ruleset)
+    assert str(error).startswith(f"{tmp_path / 'a-deep.toml'}:1:{5 + MAX_DEPTH}: nesting: ")
+    assert error.message.startswith(f"nesting too deep: more than {MAX_DEPTH} levels")
+    assert [loaded.name for loaded in ruleset.rules] == ["good"]
+
+
+def test_yaml_python_tag_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "executed"
+    command = f'!!python/object/apply:os.system ["touch {marker}"]'
+    text = f"name: a\nkind: low_balance\nevery: {command}\n"
+
+    error = only_error(load_rules(write(tmp_path, "tag.yaml", text)))
+
+    assert str(error).startswith(f"{tmp_path / 'tag.yaml'}:3:8: tag: tags are not allowed")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("tag", ["!custom", "!!str", "!!float"])
+def test_yaml_scalar_tag_rejected(tag: str, tmp_path: Path) -> None:
+    text = f"name: a\nkind: low_balance\nevery: 15m\nfire_below_balance_usd: {tag} 20\n"
+
+    error = only_error(load_rules(write(tmp_path, "tag.yaml", text)))
+
+    assert str(error).startswith(f"{tmp_path / 'tag.yaml'}:4:25: tag: ")
+    assert f"remove {tag} and write the plain value" in error.message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("99999999999999999999d", "'99999999999999999999d' is too long"),
+        ("367d", "'367d' is too long"),
+        ("200d200d", "'200d200d' is too long"),
+        ("9" * 400 + "w", "is too long"),
+    ],
+    ids=["overflow", "one-day-over", "sum-over", "float-overflow"],
+)
+def test_duration_above_maximum_rejected(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match="a duration is at most 366 days") as caught:
+        parse_duration(text)
+
+    assert message in str(caught.value)
+
+
+def test_duration_at_maximum_loads(tmp_path: Path) -> None:
+    text = "name: yearly\nkind: low_balance\nevery: 366d\nfire_below_balance_usd: 20\n"
+
+    ruleset = load_rules(write(tmp_path, "yearly.yaml", text))
+
+    assert ruleset.errors == []
+    assert ruleset.rules[0].rule.every == MAX_DURATION
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", ".NaN"])
+def test_yaml_money_not_finite(value: str, tmp_path: Path) -> None:
+    text = f"name: a\nkind: low_balance\nevery: 15m\nfire_below_balance_usd: {value}\n"
+
+    error = only_error(load_rules(write(tmp_path, "money.yaml", text)))
+
+    assert str(error).startswith(f"{tmp_path / 'money.yaml'}:4:25: fire_below_balance_usd: ")
+    assert "is not a finite number; write a number such as 0.5" in error.message
+
+
+@pytest.mark.parametrize("value", ["inf", "+inf", "nan", "-nan"])
+def test_toml_percent_not_finite(value: str, tmp_path: Path) -> None:
+    text = 'name = "a"\nkind = "idle_stop"\nevery = "2m"\nwindow = "30m"\n'
+    text += f"[signals]\ngpu_util_below_percent = {value}\n"
+
+    error = only_error(load_rules(write(tmp_path, "percent.toml", text)))
+
+    assert str(error).startswith(
+        f"{tmp_path / 'percent.toml'}:6:26: signals.gpu_util_below_percent: "
+    )
+    assert "is not a finite number" in error.message
+
+
 # --- model-level errors ------------------------------------------------------------
 
 
@@ -543,7 +776,7 @@ list = [
   { e = 'y' },
 ]
 """
-    positions = toml_positions(text)
+    positions = toml_positions(text, max_depth=MAX_DEPTH)
 
     assert positions.keys[("a", "b")] == Position(1, 7)
     assert positions.keys[("a", "c d")] == Position(1, 14)
@@ -558,7 +791,7 @@ def test_toml_positions_multiline_strings() -> None:
     text += "[t]\nd = 1979-05-27 07:32:00Z\ne = 2\n"
     assert tomllib.loads(text)["t"]["e"] == 2
 
-    positions = toml_positions(text)
+    positions = toml_positions(text, max_depth=MAX_DEPTH)
 
     assert positions.keys[("b",)] == Position(4, 1)
     assert positions.keys[("b", "c")] == Position(4, 3)
@@ -569,7 +802,7 @@ def test_toml_positions_multiline_strings() -> None:
 def test_toml_positions_nested_arrays_of_tables() -> None:
     text = "[[a]]\nx = 1\n[[a]]\nx = 2\n[a.b]\ny = 3\n"
 
-    positions = toml_positions(text)
+    positions = toml_positions(text, max_depth=MAX_DEPTH)
 
     assert positions.keys[("a", 1, "x")] == Position(4, 1)
     assert positions.keys[("a", 1, "b", "y")] == Position(6, 1)
@@ -673,6 +906,8 @@ def test_spot_step_within_cap_loads(tmp_path: Path) -> None:
 
 # --- files and folders -------------------------------------------------------------
 
+GOOD_RULE = "name: good\nkind: low_balance\nevery: 15m\nfire_below_balance_usd: 20\n"
+
 
 def test_folder_skips_hidden_and_others(tmp_path: Path) -> None:
     rule = "kind: low_balance\nevery: 15m\nfire_below_runway_hours: 24\n"
@@ -690,14 +925,55 @@ def test_folder_skips_hidden_and_others(tmp_path: Path) -> None:
     assert [path.name for path in ruleset.files] == ["a.yaml", "b.yml"]
 
 
-def test_empty_files_hold_no_rules(tmp_path: Path) -> None:
-    write(tmp_path, "empty.yaml", "# nothing here yet\n")
-    write(tmp_path, "empty.toml", "")
+def test_empty_files_are_errors(tmp_path: Path) -> None:
+    write(tmp_path, "a-comment.yaml", "# nothing here yet\n")
+    write(tmp_path, "b-documents.yaml", "---\n---\n")
+    write(tmp_path, "c-empty.toml", "")
+    write(tmp_path, "d-good.yaml", GOOD_RULE)
 
     ruleset = load_rules(tmp_path)
 
-    assert ruleset.rules == []
-    assert ruleset.errors == []
+    assert [str(error) for error in ruleset.errors] == [
+        f"{tmp_path / name}:1:1: file: file contains no rule; add one or delete the file"
+        for name in ("a-comment.yaml", "b-documents.yaml", "c-empty.toml")
+    ]
+    assert [loaded.name for loaded in ruleset.rules] == ["good"]
+
+
+def test_dangling_symlink_in_folder(tmp_path: Path) -> None:
+    (tmp_path / "a-link.yaml").symlink_to(tmp_path / "gone.yaml")
+    write(tmp_path, "b-good.yaml", GOOD_RULE)
+
+    ruleset = load_rules(tmp_path)
+
+    error = only_error(ruleset)
+    assert str(error).startswith(f"{tmp_path / 'a-link.yaml'}:1:1: path: ")
+    assert f"symbolic link to '{tmp_path / 'gone.yaml'}', which does not exist" in error.message
+    assert [loaded.name for loaded in ruleset.rules] == ["good"]
+
+
+def test_dangling_symlink_as_path(tmp_path: Path) -> None:
+    link = tmp_path / "link.toml"
+    link.symlink_to("missing.toml")
+
+    error = only_error(load_rules(link))
+
+    assert error.field == "path"
+    assert "symbolic link to 'missing.toml', which does not exist" in error.message
+
+
+def test_large_file_is_error(tmp_path: Path) -> None:
+    padding = "#" * 99 + "\n"
+    text = GOOD_RULE + padding * (MAX_FILE_BYTES // len(padding) + 1)
+    write(tmp_path, "a-large.yaml", text)
+    write(tmp_path, "b-good.yaml", GOOD_RULE)
+
+    ruleset = load_rules(tmp_path)
+
+    error = only_error(ruleset)
+    assert str(error).startswith(f"{tmp_path / 'a-large.yaml'}:1:1: file: file is ")
+    assert "larger than the limit of 1 MiB for a rule file" in error.message
+    assert [loaded.name for loaded in ruleset.rules] == ["good"]
 
 
 def test_missing_path_is_error(tmp_path: Path) -> None:

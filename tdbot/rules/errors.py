@@ -171,6 +171,8 @@ def _bad_value(loc: Location, detail: ErrorDetails, model: type[BaseModel]) -> s
     info = field_at(model, loc) if loc and isinstance(loc[-1], str) else None
     if kind == "literal_error":
         return f"{_show(value)} is not allowed; use one of: {ctx.get('expected', '')}"
+    if kind == "finite_number":
+        return f"{_show(value)} is not a finite number; write a number such as 0.5"
     limits = {
         "greater_than_equal": ("must be at least", "ge"),
         "greater_than": ("must be greater than", "gt"),

@@ -12,6 +12,10 @@ order, hidden files skipped. Validation runs in passes: file syntax, shape (each
 is a mapping whose `kind` exists), schema (pydantic), meaning (checks of one rule that
 the schema cannot express), and finally unique names across all files. A rule that
 fails a pass is left out; every other rule still loads.
+
+Before parsing, `tdbot.rules.limits` rejects files larger than 1 MiB and YAML with tags,
+deep nesting or aliases that expand to too many nodes. A file without any rule, and a
+symbolic link whose target is missing, are errors too.
 """
 
 from __future__ import annotations
@@ -32,7 +36,15 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
 from tdbot.rules.errors import Problem, RuleError, dotted, problems_from_validation, suggest
+from tdbot.rules.limits import (
+    MAX_DEPTH,
+    MAX_FILE_BYTES,
+    LimitExceeded,
+    check_yaml_events,
+    too_deep_message,
+)
 from tdbot.rules.positions import (
+    NestingTooDeep,
     Position,
     PositionMap,
     toml_positions,
@@ -165,14 +177,16 @@ def _find_rule_files(path: Path) -> tuple[list[Path], list[RuleError]]:
         except OSError as exc:
             message = f"cannot list the folder ({exc}); check its permissions"
             return [], [RuleError(path, 1, 1, "path", message)]
-        files = [
+        named = sorted(
             child
             for child in children
-            if child.is_file()
-            and child.suffix.lower() in RULE_SUFFIXES
-            and not child.name.startswith(".")
-        ]
-        return sorted(files), []
+            if child.suffix.lower() in RULE_SUFFIXES and not child.name.startswith(".")
+        )
+        files = [child for child in named if child.is_file()]
+        dangling = [_dangling_link(child) for child in named if _is_dangling(child)]
+        return files, dangling
+    if _is_dangling(path):
+        return [], [_dangling_link(path)]
     if not path.exists():
         message = "no such file or folder; pass a rule file or a folder of rule files"
         return [], [RuleError(path, 1, 1, "path", message)]
@@ -182,8 +196,30 @@ def _find_rule_files(path: Path) -> tuple[list[Path], list[RuleError]]:
     return [path], []
 
 
+def _is_dangling(path: Path) -> bool:
+    # exists() follows the link, so it is False when the target is missing or the links loop.
+    return path.is_symlink() and not path.exists()
+
+
+def _dangling_link(path: Path) -> RuleError:
+    try:
+        target = str(path.readlink())
+    except OSError as exc:
+        target = f"unknown ({exc})"
+    message = (
+        f"symbolic link to '{target}', which does not exist; "
+        "point the link at a rule file or delete it"
+    )
+    return RuleError(path, 1, 1, "path", message)
+
+
 def _load_file(file: Path) -> tuple[list[tuple[LoadedRule, PositionMap]], list[RuleError]]:
     try:
+        size = file.stat().st_size
+        # Check the size before reading, because ruamel.yaml needs minutes for a YAML file
+        # of a few megabytes.
+        if size > MAX_FILE_BYTES:
+            return [], [_too_large(file, size)]
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         message = f"cannot read the file ({exc}); check that it exists and is UTF-8 text"
@@ -193,6 +229,9 @@ def _load_file(file: Path) -> tuple[list[tuple[LoadedRule, PositionMap]], list[R
         raw_rules = _parse_toml(text) if file.suffix.lower() == ".toml" else _parse_yaml(text)
     except _FileProblem as problem:
         return [], [problem.to_error(file)]
+    if not raw_rules:
+        message = "file contains no rule; add one or delete the file"
+        return [], [RuleError(file, 1, 1, "file", message)]
 
     loaded: list[tuple[LoadedRule, PositionMap]] = []
     errors: list[RuleError] = []
@@ -204,6 +243,15 @@ def _load_file(file: Path) -> tuple[list[tuple[LoadedRule, PositionMap]], list[R
         start = raw.positions.start
         loaded.append((LoadedRule(result, file, start.line, start.column), raw.positions))
     return loaded, errors
+
+
+def _too_large(file: Path, size: int) -> RuleError:
+    mebibytes = MAX_FILE_BYTES / 1024 / 1024
+    message = (
+        f"file is {size:,} bytes, larger than the limit of {mebibytes:g} MiB for a rule "
+        "file; split the rules into several files"
+    )
+    return RuleError(file, 1, 1, "file", message)
 
 
 def _at_position(file: Path, positions: PositionMap, problem: Problem) -> RuleError:
@@ -219,7 +267,10 @@ def _parse_yaml(text: str) -> list[_RawRule]:
     # and keeps the line and column of every key and item.
     yaml = YAML(typ="rt")
     try:
+        check_yaml_events(text)
         documents = list(yaml.load_all(text))
+    except LimitExceeded as exc:
+        raise _FileProblem(exc.position, exc.field, exc.message) from exc
     except MarkedYAMLError as exc:
         raise _yaml_syntax_problem(exc) from exc
     except YAMLError as exc:
@@ -298,10 +349,17 @@ def _parse_toml(text: str) -> list[_RawRule]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _toml_syntax_problem(exc, text) from exc
+    except RecursionError:
+        # tomllib recurses for each nested array or inline table. The position scanner
+        # stops at MAX_DEPTH, so it finds where the nesting went too deep.
+        raise _toml_too_deep(text) from None
     if not data:
         return []
 
-    positions = toml_positions(text)
+    try:
+        positions = toml_positions(text, max_depth=MAX_DEPTH)
+    except NestingTooDeep as exc:
+        raise _FileProblem(exc.position, "nesting", too_deep_message()) from exc
     if "rule" not in data:
         return [_RawRule(data, positions)]
 
@@ -317,6 +375,14 @@ def _parse_toml(text: str) -> list[_RawRule]:
         message = "write each rule as a [[rule]] table, with two brackets, not [rule]"
         raise _FileProblem(positions.find(("rule",), "key"), "rule", message)
     return [_RawRule(item, positions.sub(("rule", index))) for index, item in enumerate(rules)]
+
+
+def _toml_too_deep(text: str) -> _FileProblem:
+    try:
+        toml_positions(text, max_depth=MAX_DEPTH)
+    except NestingTooDeep as exc:
+        return _FileProblem(exc.position, "nesting", too_deep_message())
+    return _FileProblem(Position(1, 1), "nesting", too_deep_message())
 
 
 def _toml_syntax_problem(exc: tomllib.TOMLDecodeError, text: str) -> _FileProblem:

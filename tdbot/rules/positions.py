@@ -79,7 +79,7 @@ def yaml_item_start(sequence: Any, index: int) -> Position | None:
     """Return the position of one item of a round-trip sequence, if ruamel stored it."""
     try:
         line, column = sequence.lc.item(index)
-    except (KeyError, IndexError, AttributeError):
+    except (KeyError, IndexError, AttributeError, TypeError):
         return None
     return Position(line + 1, column + 1)
 
@@ -121,16 +121,26 @@ class _ScanStopped(Exception):
     """The scanner met text it does not understand and keeps what it found so far."""
 
 
+class NestingTooDeep(Exception):
+    """A TOML value nests more arrays and inline tables than the scanner's `max_depth`."""
+
+    def __init__(self, position: Position) -> None:
+        super().__init__(f"nesting too deep at {position.line}:{position.column}")
+        self.position = position
+
+
 _BARE_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
-def toml_positions(text: str) -> PositionMap:
+def toml_positions(text: str, *, max_depth: int) -> PositionMap:
     """Find the positions of the keys, tables and values in a valid TOML document.
 
     Paths use list indexes for arrays and for `[[table]]` arrays of tables, like the
     data tomllib returns. Positions the scanner could not reach are simply missing.
+    Raises NestingTooDeep at the first array or inline table nested deeper than
+    `max_depth`, which also bounds the scanner's recursion.
     """
-    scanner = _TomlScanner(text)
+    scanner = _TomlScanner(text, max_depth)
     # On syntax it does not follow, the scanner stops and keeps the positions found so far.
     # Lookups of the missing ones fall back to an enclosing key or the rule start.
     with contextlib.suppress(_ScanStopped):
@@ -144,8 +154,10 @@ def toml_positions(text: str) -> PositionMap:
 class _TomlScanner:
     """A position finder for TOML text that tomllib has already parsed without error."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, max_depth: int) -> None:
         self.text = text
+        self.max_depth = max_depth
+        self.depth = 0
         self.index = 0
         self.line_starts = [0] + [i + 1 for i, char in enumerate(text) if char == "\n"]
         self.positions = PositionMap(start=Position(1, 1))
@@ -237,12 +249,20 @@ class _TomlScanner:
         char = self.text[self.index]
         if char in "\"'":
             self._string()
-        elif char == "[":
-            self._array(loc)
-        elif char == "{":
-            self._inline_table(loc)
+        elif char in "[{":
+            self._nested_value(loc)
         else:
             self._bare_value()
+
+    def _nested_value(self, loc: Location) -> None:
+        if self.depth >= self.max_depth:
+            raise NestingTooDeep(self._position())
+        self.depth += 1
+        if self.text[self.index] == "[":
+            self._array(loc)
+        else:
+            self._inline_table(loc)
+        self.depth -= 1
 
     def _array(self, loc: Location) -> None:
         self.index += 1

@@ -33,10 +33,16 @@ _DURATION_UNITS = {
     "d": timedelta(days=1),
     "w": timedelta(weeks=1),
 }
+# A year and a day is longer than any interval, window or silence a rule needs.
+MAX_DURATION = timedelta(days=366)
 
 
 def parse_duration(value: Any) -> timedelta:
-    """Parse "90s", "10m", "1h30m" or "2d" into a timedelta; a bare number is rejected."""
+    """Parse "90s", "10m", "1h30m" or "2d" into a timedelta; a bare number is rejected.
+
+    Raises ValueError for text that is not a duration, for zero, and for more than
+    MAX_DURATION.
+    """
     if isinstance(value, timedelta):
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -51,7 +57,9 @@ def parse_duration(value: Any) -> timedelta:
     for match in _DURATION_PART.finditer(text):
         if match.start() != position:
             break
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        total += _duration_part(value, float(match.group(1)), _DURATION_UNITS[match.group(2)])
+        if total > MAX_DURATION:
+            raise _too_long(value)
         position = match.end()
     if position != len(text) or not text:
         raise ValueError(
@@ -61,6 +69,21 @@ def parse_duration(value: Any) -> timedelta:
     if total <= timedelta():
         raise ValueError(f"{value!r} must be longer than zero")
     return total
+
+
+def _duration_part(value: str, amount: float, unit: timedelta) -> timedelta:
+    # Compare in seconds first, because a timedelta beyond 999999999 days raises
+    # OverflowError instead of ValueError.
+    if amount * unit.total_seconds() > MAX_DURATION.total_seconds():
+        raise _too_long(value)
+    return amount * unit
+
+
+def _too_long(value: str) -> ValueError:
+    return ValueError(
+        f"{value!r} is too long; a duration is at most {MAX_DURATION.days} days "
+        f"('{MAX_DURATION.days}d')"
+    )
 
 
 def format_duration(value: timedelta) -> str:
@@ -86,9 +109,13 @@ RULE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 class Strict(BaseModel):
-    """Base of every rule model: unknown keys are errors, not silently ignored."""
+    """Base of every rule model: unknown keys are errors, not silently ignored.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Numbers must be finite, because `.inf` or `nan` as a price, percentage or threshold
+    would make every comparison with it always true or always false.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class VmSelector(Strict):
@@ -256,6 +283,13 @@ class IdleSignals(Strict):
         return self
 
 
+IdleSource = Literal["heartbeat", "ssh"]
+
+
+def _heartbeat_only() -> list[IdleSource]:
+    return ["heartbeat"]
+
+
 class IdleStopRule(RuleBase):
     kind: Literal["idle_stop"]
     select: VmSelector = Field(default_factory=VmSelector)
@@ -269,6 +303,18 @@ class IdleStopRule(RuleBase):
         default=timedelta(minutes=15), description="time between the warning and the stop"
     )
     signals: IdleSignals = Field(default_factory=IdleSignals)
+    busy_processes: list[str] = Field(
+        default_factory=list,
+        description=(
+            "command-line patterns with shell wildcards, such as '*python*train.py*'; "
+            "a VM running a matching process is busy"
+        ),
+    )
+    sources: list[IdleSource] = Field(
+        default_factory=_heartbeat_only,
+        min_length=1,
+        description="where readings come from: pushed by an agent, or probed over SSH",
+    )
     action: Literal["stop", "stop_release"] = Field(
         default="stop",
         description="'stop' keeps the GPU reserved and billed; 'stop_release' frees it",
