@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
@@ -15,6 +17,12 @@ from tdbot.evaluation.pricing import Offer, rank_hostnodes
 from tdbot.rules.schema import HostnodeSpec
 from tdbot.tensordock.client import TensorDockClient
 from tdbot.tensordock.errors import TensorDockError
+from tdbot.tensordock.models import Hostnode
+
+# Layout of the GPU model list in the error for a model no hostnode offers.
+GPU_MODELS_PER_LINE = 4
+# Lowest difflib similarity ratio at which a model id is suggested for a misspelt one.
+GPU_SUGGESTION_CUTOFF = 0.5
 
 
 def _client(settings: Settings, secrets: Secrets | None) -> TensorDockClient:
@@ -55,7 +63,9 @@ async def show_hostnodes(
             raise ValueError("give at least one --gpu, for example --gpu geforcertx4090-pcie-24gb")
         spec = HostnodeSpec.model_validate(spec_fields)
         async with _client(settings, None) as client:
-            offers = rank_hostnodes(await client.list_hostnodes(), spec)[:limit]
+            hostnodes = await client.list_hostnodes()
+        check_gpu_models_offered(hostnodes.values(), spec.gpu)
+        offers = rank_hostnodes(hostnodes, spec)[:limit]
     except (ValueError, ValidationError, TensorDockError) as error:
         return _error(error)
 
@@ -80,6 +90,44 @@ async def show_hostnodes(
     columns = ["hostnode", "GPU", "$/h", "GPU $", "CPU $", "RAM $", "disk $", "ports"]
     _table(f"{len(offers)} cheapest hostnodes", [*columns, "location", "uptime"], rows, out)
     return 0
+
+
+def check_gpu_models_offered(hostnodes: Iterable[Hostnode], requested: list[str]) -> None:
+    """Raise ValueError listing the market's GPU model ids when no hostnode has any of `requested`.
+
+    A requested model that is offered but busy everywhere passes; only ids the market
+    does not know at all, usually misspelt ones, are rejected.
+    """
+    offered = sorted({model for hostnode in hostnodes for model in hostnode.specs.gpu})
+    if set(requested) & set(offered):
+        return
+
+    names = ", ".join(repr(model) for model in requested)
+    subject = f"GPU model {names}" if len(requested) == 1 else f"any of the GPU models {names}"
+    if not offered:
+        raise ValueError(f"no hostnode offers {subject}; the market lists no GPUs at all")
+    lines = [f"no hostnode offers {subject}."]
+    suggestions = _closest_gpu_models(requested, offered)
+    if suggestions:
+        lines.append(f"Did you mean {' or '.join(suggestions)}?")
+    lines.append("GPU model ids on the market:")
+    for start in range(0, len(offered), GPU_MODELS_PER_LINE):
+        lines.append("  " + ", ".join(offered[start : start + GPU_MODELS_PER_LINE]))
+    raise ValueError("\n".join(lines))
+
+
+def _closest_gpu_models(requested: list[str], offered: list[str]) -> list[str]:
+    # A shortened id such as "rtx4090" is matched by substring first, because difflib
+    # rates it closer to "rtxa4000-pcie-16gb" than to "geforcertx4090-pcie-24gb".
+    suggestions: list[str] = []
+    for name in requested:
+        folded = name.strip().lower()
+        containing = [model for model in offered if folded and folded in model]
+        similar = difflib.get_close_matches(folded, offered, n=1, cutoff=GPU_SUGGESTION_CUTOFF)
+        for model in containing[:3] or similar:
+            if model not in suggestions:
+                suggestions.append(model)
+    return suggestions
 
 
 def _offer_json(offer: Offer) -> dict[str, Any]:

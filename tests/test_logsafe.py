@@ -16,6 +16,7 @@ from tests.fakes.telegram_api import DEFAULT_TOKEN, FakeTelegramApi
 TOKEN = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"
 BOT_URL = f"https://api.telegram.org/bot{TOKEN}/sendMessage"
 QUIET_LOGGERS = ("httpx", "httpcore", "telegram", "telegram.ext")
+SCHEDULER_LOGGERS = ("apscheduler.executors", "apscheduler.scheduler")
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +26,7 @@ def restore_logging() -> Iterator[None]:
     handlers = list(root.handlers)
     filters = {handler: list(handler.filters) for handler in handlers}
     level = root.level
-    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS + SCHEDULER_LOGGERS}
     yield
     root.handlers[:] = handlers
     for handler, saved_filters in filters.items():
@@ -68,6 +69,24 @@ def test_redact_longer_secret_first() -> None:
 
 def test_redact_ignores_empty_secret() -> None:
     assert redact("nothing to hide", [""]) == "nothing to hide"
+
+
+def test_redact_leaves_short_secret() -> None:
+    text = redact("every line here", ["e"])
+
+    assert text == "every line here"
+
+
+def test_short_secret_warned_not_shown(log_stream: io.StringIO) -> None:
+    install_redaction(["zq", "long-api-secret"])
+
+    logging.getLogger("tdbot.test").warning("sent long-api-secret")
+
+    lines = log_stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("WARNING 1 configured secret(s) shorter than 8 characters")
+    assert "zq" not in lines[0]
+    assert lines[1] == "WARNING sent ***"
 
 
 def test_filter_redacts_message_args(log_stream: io.StringIO) -> None:
@@ -139,3 +158,19 @@ def test_configure_logging_format(capsys: pytest.CaptureFixture[str]) -> None:
     assert "INFO     tdbot.test: using *** at https://api.telegram.org/bot***/sendMessage" in err
     assert "not shown" not in err
     assert logging.getLogger("httpx").level == logging.WARNING
+
+
+@pytest.mark.parametrize(("level", "shown"), [("info", False), ("debug", True)])
+def test_configure_logging_scheduler_runs(
+    capsys: pytest.CaptureFixture[str], level: str, shown: bool
+) -> None:
+    configure_logging(level, [])
+
+    logging.getLogger("apscheduler.executors.default").info("Running job tick")
+    logging.getLogger("apscheduler.scheduler").info("Added job tick")
+    logging.getLogger("apscheduler.executors.default").warning("Run time of job was missed")
+
+    err = capsys.readouterr().err
+    assert ("Running job tick" in err) is shown
+    assert ("Added job tick" in err) is shown
+    assert "Run time of job was missed" in err

@@ -1,12 +1,15 @@
 """Tests of the TensorDock v0 simulator over real HTTP on 127.0.0.1.
 
 Requests are form-encoded as the real API expects, sent with plain httpx, so these
-tests do not depend on tdbot's own client. The clock is frozen and moved explicitly.
+tests do not depend on tdbot's own client, except the delay fault test, which checks
+the timeout error that client raises. The clock is frozen and moved explicitly.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +31,8 @@ from tdbot.simulator.testing import (
     running_simulator,
 )
 from tdbot.simulator.vms import SimVm
+from tdbot.tensordock import ApiTimeoutError, TensorDockClient
+from tdbot.tensordock.models import VmStatus
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tensordock-v0"
 AUTH = {"api_key": TEST_API_KEY, "api_token": TEST_API_TOKEN}
@@ -46,6 +51,7 @@ WPG_2022 = "40730580-35d7-404d-be34-493f36436e6c"
 class Sim:
     market: SimulatedMarket
     http: httpx.AsyncClient
+    api_url: str
 
     async def api(self, path: str, **fields: Any) -> httpx.Response:
         """POST form fields with valid credentials to /api/v0/<path>."""
@@ -63,7 +69,7 @@ async def sim() -> AsyncIterator[Sim]:
         running_simulator(market) as server,
         httpx.AsyncClient(base_url=server.root_url, timeout=5.0) as http,
     ):
-        yield Sim(market, http)
+        yield Sim(market, http, server.api_url)
 
 
 def deploy_fields(**overrides: Any) -> dict[str, Any]:
@@ -750,6 +756,48 @@ async def test_fault_delay_times_out_client(sim: Sim) -> None:
 
     with pytest.raises(httpx.ReadTimeout):
         await sim.http.post("/api/v0/billing/balance", data=AUTH, timeout=0.1)
+
+
+async def test_fault_delay_acts_after_client_gone(sim: Sim) -> None:
+    vm = seed_a6000(sim.market)
+    sim.market.inject_fault("client/stop/single", FaultMode.DELAY, delay_seconds=1.0)
+    server_errors = _ErrorRecords()
+    logging.getLogger("uvicorn.error").addHandler(server_errors)
+    client = TensorDockClient(
+        TEST_API_KEY, TEST_API_TOKEN, base_url=sim.api_url, timeout_seconds=0.3
+    )
+
+    try:
+        async with client:
+            with pytest.raises(ApiTimeoutError):
+                await client.stop_vm(vm.id)
+            status_before_delay = vm.status
+            await _wait_for_status(vm, VmStatus.STOPPED, within_seconds=3.0)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(server_errors)
+
+    assert status_before_delay is VmStatus.RUNNING
+    assert vm.status is VmStatus.STOPPED
+    assert server_errors.records == []
+
+
+async def _wait_for_status(vm: SimVm, status: VmStatus, *, within_seconds: float) -> None:
+    poll_seconds = 0.05
+    for _ in range(round(within_seconds / poll_seconds)):
+        if vm.status is status:
+            return
+        await asyncio.sleep(poll_seconds)
+
+
+class _ErrorRecords(logging.Handler):
+    """Collect the server's ERROR records, such as a traceback of the request handler."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 async def test_fault_drop_response_creates_vm(sim: Sim) -> None:

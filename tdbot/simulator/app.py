@@ -294,9 +294,15 @@ def make_route(market: SimulatedMarket, endpoint: Endpoint) -> Route:
             logger.info("simulator fault %s on %s", rule.mode.value, endpoint.name)
             if not rule.mode.carries_out:
                 return fault_response(rule, 500, {})
-            if rule.mode is FaultMode.DELAY:
-                await asyncio.sleep(rule.delay_seconds)
-        status_code, body = await _carry_out(market, endpoint, request)
+
+        # Read the body before any delay: once the client has given up, uvicorn hands
+        # the app a disconnect instead of the body, and a delayed request must still
+        # be carried out then.
+        fields = await read_fields(request)
+        if rule is not None and rule.mode is FaultMode.DELAY:
+            await asyncio.sleep(rule.delay_seconds)
+
+        status_code, body = _carry_out(market, endpoint, ApiRequest(fields, request.path_params))
         if rule is not None:
             return fault_response(rule, status_code, body)
         return json_response(status_code, body)
@@ -304,14 +310,14 @@ def make_route(market: SimulatedMarket, endpoint: Endpoint) -> Route:
     return Route(f"{API_PREFIX}/{endpoint.path}", serve, methods=[endpoint.method])
 
 
-async def _carry_out(
-    market: SimulatedMarket, endpoint: Endpoint, request: Request
+def _carry_out(
+    market: SimulatedMarket, endpoint: Endpoint, request: ApiRequest
 ) -> tuple[int, dict[str, Any]]:
-    fields = await read_fields(request)
+    fields = request.fields
     try:
         if endpoint.authenticated:
             market.check_credentials(fields.get("api_key"), fields.get("api_token"))
-        return 200, endpoint.handler(market, ApiRequest(fields, request.path_params))
+        return 200, endpoint.handler(market, request)
     except SimApiError as error:
         logger.info(
             "simulator rejected %s with HTTP %d: %s",

@@ -17,6 +17,7 @@ from tdbot.simulator.app import API_PREFIX, create_app
 from tdbot.simulator.clock import SimClock
 from tdbot.simulator.hostnodes import load_packaged_marketplace
 from tdbot.simulator.market import SimulatedMarket
+from tdbot.simulator.vms import SimVm
 
 __all__ = ["SimulatorServer", "load_packaged_marketplace", "run_simulator", "serve"]
 
@@ -156,11 +157,10 @@ def run_simulator(
         api_token=api_token or generated["api_token"],
         balance_usd=balance_usd,
     )
-    if seed_example_vms:
-        market.seed_example_vms()
+    seeded = market.seed_example_vms() if seed_example_vms else []
     # Uvicorn shuts down on Ctrl-C and then raises the signal again; that ends the command.
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(market, host, port, allow_remote, generated))
+        asyncio.run(_serve_forever(market, host, port, allow_remote, generated, seeded))
 
 
 async def _serve_forever(
@@ -169,10 +169,13 @@ async def _serve_forever(
     port: int,
     allow_remote: bool,
     generated: dict[str, str],
+    seeded: list[SimVm],
 ) -> None:
     server = await serve(market, host, port, allow_remote=allow_remote, log_level="info")
     print(f"TensorDock v0 simulator: {server.api_url}")
     print(f"Admin endpoints: {server.admin_url}/state")
     for name, value in generated.items():
         print(f"generated {name}: {value}")
+    for vm in seeded:
+        print(f"seeded VM {vm.name}: {vm.status.value}, id {vm.id}")
     await server.wait()

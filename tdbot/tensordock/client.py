@@ -24,6 +24,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from tdbot.logsafe import is_redactable
 from tdbot.tensordock.errors import (
     ApiTimeoutError,
     AuthenticationError,
@@ -66,7 +67,6 @@ MAX_BACKOFF_SECONDS = 30.0
 SPOT_REJECTED_MESSAGE = "bid too low or no capacity"
 SNIPPET_CHARS = 120
 SERVER_MESSAGE_CHARS = 300
-MIN_REDACTED_CHARS = 8
 
 _AUTH_TEXT = re.compile(
     r"invalid authori[sz]ation|unauthori[sz]ed|not authori[sz]ed|authentication"
@@ -243,12 +243,10 @@ class TensorDockClient:
 
         self._api_key = api_key
         self._api_token = api_token
-        # Secrets are removed from every error message. Values shorter than 8 characters
-        # are left alone, because replacing them would mangle ordinary words. Real keys
-        # and tokens are UUIDs.
-        self._secrets = tuple(
-            secret for secret in (api_key, api_token) if len(secret) >= MIN_REDACTED_CHARS
-        )
+        # Secrets are removed from every error message. Values shorter than
+        # MIN_REDACTED_CHARS are left alone, as the log filter does, because replacing
+        # them would mangle ordinary words. Real keys and tokens are UUIDs.
+        self._secrets = tuple(secret for secret in (api_key, api_token) if is_redactable(secret))
         self._timeout_seconds = timeout_seconds
         self._read_retries = read_retries
         self._backoff_seconds = backoff_seconds
