@@ -162,6 +162,32 @@ def balance(config_path: Path | None, as_json: bool) -> None:
     sys.exit(asyncio.run(show_balance(settings, secrets, as_json, sys.stdout)))
 
 
+@main.command("agent-token")
+@click.argument("vm_id")
+def agent_token_command(vm_id: str) -> None:
+    """Print the heartbeat token of the agent on VM_ID.
+
+    The token is derived from TDBOT_HEARTBEAT_TOKEN (or the file named by
+    TDBOT_HEARTBEAT_TOKEN_FILE) and VM_ID, and the daemon accepts it only for pushes
+    about that VM. Put it in the VM's /etc/tdbot-agent.env as TDBOT_AGENT_TOKEN.
+    """
+    from tdbot.config import ConfigError, read_secret
+    from tdbot.daemon.heartbeat import agent_token
+
+    if not vm_id.strip() or vm_id != vm_id.strip():
+        raise click.BadParameter("give the VM's id without spaces", param_hint="VM_ID")
+    try:
+        secret = read_secret("TDBOT_HEARTBEAT_TOKEN")
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+    if not secret:
+        raise click.ClickException(
+            "TDBOT_HEARTBEAT_TOKEN is not set; set it (or TDBOT_HEARTBEAT_TOKEN_FILE) to the "
+            "same secret the daemon uses, then run this command again"
+        )
+    click.echo(agent_token(secret, vm_id))
+
+
 @main.command()
 @click.option(
     "--speed",
@@ -211,9 +237,25 @@ def demo(speed: float, timeout_seconds: float) -> None:
     type=click.FloatRange(0),
     help="Simulated seconds per real second; 0 freezes the clock.",
 )
+@click.option(
+    "--balance-usd",
+    default=100.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Starting account balance in USD.",
+)
+@click.option(
+    "--seed-example-vms",
+    is_flag=True,
+    help="Start with three VMs in the account: running on-demand, running spot and stopped.",
+)
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host.")
 def simulator(**options: Any) -> None:
-    """Serve a simulated TensorDock v0 API under /api/v0 for tests and experiments."""
+    """Serve a simulated TensorDock v0 API under /api/v0 for tests and experiments.
+
+    Point a configuration at it with [tensordock] base_url set to the printed URL, and
+    set TDBOT_API_KEY and TDBOT_API_TOKEN to the accepted key and token.
+    """
     from tdbot.simulator.server import run_simulator
 
     try:

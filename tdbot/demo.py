@@ -31,6 +31,7 @@ from tdbot.config import (
     TelegramSettings,
     TensorDockSettings,
 )
+from tdbot.daemon.heartbeat import agent_token
 from tdbot.daemon.runner import Daemon, build_notifier, run_daemon
 from tdbot.rules import load_rules
 from tdbot.rules.schema import RuleBase
@@ -173,14 +174,17 @@ def outbid(market: SimulatedMarket, vm: SimVm, above_bid_usd: float = 0.02) -> f
 async def push_heartbeats(
     market: SimulatedMarket, url: str, token: str, stop: asyncio.Event
 ) -> None:
-    """Act as the agent on every running VM: push its activity once a simulated minute."""
+    """Act as the agent on every running VM: push its activity once a simulated minute.
+
+    `token` is the shared heartbeat secret; each VM pushes with its own derived token.
+    """
     interval = 60 / max(market.clock.time_scale, 1.0)
-    headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(timeout=5) as client:
         while not stop.is_set():
             for vm in list(market.vms.values()):
                 if vm.status is not VmStatus.RUNNING:
                     continue
+                headers = {"Authorization": f"Bearer {agent_token(token, vm.id)}"}
                 body = {"vm_id": vm.id, **vm.activity.to_json()}
                 try:
                     await client.post(url, json=body, headers=headers)

@@ -19,6 +19,7 @@ import pytest
 
 from tdbot.demo import outbid
 from tdbot.evaluation.model import IdleSample, IdleWarningState
+from tdbot.simulator.faults import FaultMode
 from tdbot.simulator.market import SimulatedMarket
 from tdbot.simulator.server import SimulatorServer
 from tdbot.simulator.testing import (
@@ -32,6 +33,7 @@ from tdbot.tensordock.models import VmStatus
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 TDBOT = str(Path(sys.executable).parent / "tdbot")
+GPU_3060 = "geforcertx3060-pcie-12gb"
 GPU_4090 = "geforcertx4090-pcie-24gb"
 COMMANDS = ("run", "check", "rules", "hostnodes", "vms", "balance", "demo", "simulator")
 # Simulator events that mean the account was changed.
@@ -232,6 +234,34 @@ async def test_check_without_database(tmp_path: Path, simulator: SimulatorServer
     assert not (tmp_path / "tdbot.db").exists()
 
 
+async def test_check_fails_when_api_down(
+    tmp_path: Path, market: SimulatedMarket, simulator: SimulatorServer
+) -> None:
+    config = write_config(tmp_path, simulator.api_url, REPOSITORY / "rules")
+    market.inject_fault("client/list", FaultMode.HTTP_500, count=10)
+
+    result = await run_tdbot(
+        "check", "--config", str(config), environ=clean_environment(**credentials())
+    )
+
+    assert result.code == 1, result.output
+    assert "Could not load vms" in result.stdout
+    assert "plan is incomplete" in result.stdout
+
+
+async def test_missing_rules_folder_named(tmp_path: Path, simulator: SimulatorServer) -> None:
+    config = write_config(tmp_path, simulator.api_url, tmp_path / "no-such-rules")
+
+    for command in ("check", "run"):
+        result = await run_tdbot(
+            command, "--config", str(config), environ=clean_environment(**credentials())
+        )
+
+        assert result.code != 0, command
+        assert "no-such-rules not found" in result.output, command
+        assert "Traceback" not in result.output, command
+
+
 # --- market and account views --------------------------------------------------------
 
 
@@ -257,6 +287,29 @@ async def test_hostnodes_without_gpu_fails(tmp_path: Path, simulator: SimulatorS
     assert result.code == 1
     assert "--gpu" in result.stderr
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("gpu", "suggestion"),
+    [("nonexistent-gpu", None), ("rtx4090", f"Did you mean {GPU_4090}?")],
+)
+async def test_hostnodes_unknown_gpu_fails(
+    tmp_path: Path, simulator: SimulatorServer, gpu: str, suggestion: str | None
+) -> None:
+    config = write_config(tmp_path, simulator.api_url)
+
+    result = await run_tdbot("hostnodes", "--gpu", gpu, "--config", str(config))
+
+    assert result.code == 1
+    assert result.stdout == ""
+    assert f"no hostnode offers GPU model '{gpu}'." in result.stderr
+    assert "GPU model ids on the market:" in result.stderr
+    assert f"  a100-pcie-40gb, a100-pcie-80gb, a100-sxm4-80gb, {GPU_3060}\n" in result.stderr
+    assert GPU_4090 in result.stderr
+    if suggestion is None:
+        assert "Did you mean" not in result.stderr
+    else:
+        assert suggestion in result.stderr
 
 
 async def test_vms_json_lists_account(
@@ -351,3 +404,48 @@ async def test_simulator_command_serves_api(tmp_path: Path) -> None:
         process.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(process.wait(), 15)
     assert code == 0
+
+
+async def test_simulator_command_seeds_account(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        TDBOT,
+        "simulator",
+        "--port",
+        "0",
+        "--api-key",
+        TEST_API_KEY,
+        "--api-token",
+        TEST_API_TOKEN,
+        "--seed-example-vms",
+        "--balance-usd",
+        "250",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=clean_environment(PYTHONUNBUFFERED="1"),
+    )
+    try:
+        assert process.stdout is not None
+        lines = [(await asyncio.wait_for(process.stdout.readline(), 15)).decode() for _ in range(5)]
+        match = re.search(r"(http://127\.0\.0\.1:\d+/api/v0)", lines[0])
+        assert match, lines
+        config = str(write_config(tmp_path, match.group(1)))
+        vms = await run_tdbot(
+            "vms", "--json", "--config", config, environ=clean_environment(**credentials())
+        )
+        balance = await run_tdbot(
+            "balance", "--json", "--config", config, environ=clean_environment(**credentials())
+        )
+    finally:
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(process.wait(), 15)
+
+    assert lines[2].startswith("seeded VM api-server-4090: Running, id ")
+    assert lines[3].startswith("seeded VM whisper-2x3090: Running, id ")
+    assert lines[4].startswith("seeded VM dev-box-a4000: Stopped, id ")
+    assert vms.code == 0, vms.output
+    names = {record["name"] for record in json.loads(vms.stdout)}
+    assert names == {"api-server-4090", "whisper-2x3090", "dev-box-a4000"}
+    assert balance.code == 0, balance.output
+    # The seeded VMs are billed by the real clock while the commands run.
+    assert json.loads(balance.stdout)["balance_usd"] == pytest.approx(250.0, abs=0.5)

@@ -107,6 +107,44 @@ def test_invalid_value_named(tmp_path: Path) -> None:
     assert "heartbeat.port" in message
 
 
+def test_negative_ceiling_explained(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "[safety]\nfleet_max_usd_per_hour = -1\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    message = str(caught.value)
+    assert "safety.fleet_max_usd_per_hour: must be 0 or more, got -1" in message
+    assert "ceiling in USD per hour" in message
+    assert "Input should be" not in message
+
+
+@pytest.mark.parametrize(
+    ("section", "url"),
+    [
+        ("tensordock", "marketplace.tensordock.com/api/v0"),
+        ("tensordock", "ftp://marketplace.tensordock.com/api/v0"),
+        ("telegram", "127.0.0.1:8081/bot"),
+        ("telegram", "https://"),
+    ],
+)
+def test_base_url_must_be_http(tmp_path: Path, section: str, url: str) -> None:
+    path = write_config(tmp_path, f'[{section}]\nbase_url = "{url}"\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    message = str(caught.value)
+    assert f"{section}.base_url: invalid URL {url!r}" in message
+    assert "such as http" in message
+
+
+def test_empty_telegram_base_url_default(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[telegram]\nbase_url = ""\n')
+
+    assert load_settings(path).telegram.base_url is None
+
+
 def test_invalid_toml_names_path(tmp_path: Path) -> None:
     path = write_config(tmp_path, "[daemon\nrules_dir = 'rules'\n")
 
@@ -184,11 +222,14 @@ def test_environment_value_beats_file(tmp_path: Path) -> None:
     assert read_secret("TDBOT_API_KEY", environ) == "env-key"
 
 
-def test_empty_secret_file_unset(tmp_path: Path) -> None:
+def test_empty_secret_file_named(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.write_text("\n", encoding="utf-8")
 
-    assert read_secret("TDBOT_API_KEY", {"TDBOT_API_KEY_FILE": str(empty)}) is None
+    with pytest.raises(ConfigError) as caught:
+        load_secrets({"TDBOT_API_KEY_FILE": str(empty), "TDBOT_API_TOKEN": "token-value"})
+
+    assert f"TDBOT_API_KEY_FILE names {empty}, which is empty" in str(caught.value)
 
 
 def test_unreadable_secret_file_named(tmp_path: Path) -> None:

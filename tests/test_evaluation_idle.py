@@ -313,3 +313,168 @@ def test_running_since_kept_while_running() -> None:
     state = RuleState(running_since={H100_VM: NOW - timedelta(hours=1)})
 
     assert running_since_updates(make_rule(), SNAPSHOT, state, NOW) == {}
+
+
+# --- process allowlist ---------------------------------------------------------------
+
+TRAINING = "/usr/bin/python3 train.py --epochs 10"
+SHELL_ONLY = ("/sbin/init", "sshd: root@pts/0", "-bash", "tmux")
+
+
+def with_processes(*processes: str) -> list[IdleSample]:
+    return [sample(minutes, processes=processes) for minutes in (28, 20, 12, 4, 1)]
+
+
+def test_matching_process_makes_busy() -> None:
+    rule = make_rule(busy_processes=["*python*train.py*"])
+    samples = with_processes(*SHELL_ONLY)
+    samples[2] = replace(samples[2], processes=(*SHELL_ONLY, TRAINING))
+
+    verdict = judge_vm(rule, H100_VM, state_with(samples), NOW)
+
+    assert verdict.kind == "busy"
+    [matched] = verdict.evidence["matched_processes"]
+    assert matched["process"] == TRAINING
+    assert matched["pattern"] == "*python*train.py*"
+    assert matched["at"] == samples[2].at.isoformat()
+
+
+def test_no_matching_process_stays_idle() -> None:
+    rule = make_rule(busy_processes=["*python*train.py*", "jupyter-lab*"])
+
+    verdict = judge_vm(rule, H100_VM, state_with(with_processes(*SHELL_ONLY)), NOW)
+
+    assert verdict.kind == "idle"
+    assert verdict.evidence["busy_processes"] == ["*python*train.py*", "jupyter-lab*"]
+
+
+def test_process_pattern_case_sensitive() -> None:
+    rule = make_rule(busy_processes=["*Train.py*"])
+
+    verdict = judge_vm(rule, H100_VM, state_with(with_processes(TRAINING)), NOW)
+
+    assert verdict.kind == "idle"
+
+
+def test_process_pattern_matches_whole_line() -> None:
+    # Without wildcards a pattern must equal the whole command line.
+    exact = make_rule(busy_processes=["train.py"])
+    whole = make_rule(busy_processes=[TRAINING])
+
+    assert judge_vm(exact, H100_VM, state_with(with_processes(TRAINING)), NOW).kind == "idle"
+    assert judge_vm(whole, H100_VM, state_with(with_processes(TRAINING)), NOW).kind == "busy"
+
+
+def test_missing_process_list_unknown() -> None:
+    rule = make_rule(busy_processes=["*train.py*"])
+    samples = with_processes(*SHELL_ONLY)
+    samples[3] = replace(samples[3], processes=None)
+    state = state_with(samples, warning_due_in=-timedelta(minutes=5))
+
+    decision = only(evaluate(rule, SNAPSHOT, state, NOW))
+
+    assert isinstance(decision, Report)
+    assert decision.evidence["reason"] == "missing_signal"
+    assert decision.evidence["missing_signals"] == ["processes"]
+    assert "samples without a configured signal (processes)" in decision.summary
+    assert "will not be stopped" in decision.summary
+
+
+def test_process_list_optional_without_patterns() -> None:
+    # QUIET samples carry no process list, and the rule lists no busy processes.
+    assert judge_vm(make_rule(), H100_VM, state_with(), NOW).kind == "idle"
+
+
+def test_matching_process_beats_missing_list() -> None:
+    rule = make_rule(busy_processes=["*train.py*"])
+    samples = [*QUIET[:4], sample(1, processes=(TRAINING,))]
+
+    assert judge_vm(rule, H100_VM, state_with(samples), NOW).kind == "busy"
+
+
+def test_matching_process_cancels_warning() -> None:
+    rule = make_rule(busy_processes=["*train.py*"])
+    samples = with_processes(*SHELL_ONLY)
+    samples[-1] = replace(samples[-1], processes=(TRAINING,))
+    state = state_with(samples, warning_due_in=timedelta(minutes=5))
+
+    decision = only(evaluate(rule, SNAPSHOT, state, NOW))
+
+    assert isinstance(decision, CancelIdleWarning)
+    assert decision.evidence["reason"] == "busy"
+    assert TRAINING in decision.summary
+
+
+def test_matched_processes_listed_at_most_five() -> None:
+    rule = make_rule(busy_processes=["worker *"])
+    workers = tuple(f"worker {index}" for index in range(8))
+
+    verdict = judge_vm(rule, H100_VM, state_with(with_processes(*workers, workers[0])), NOW)
+
+    assert len(verdict.evidence["matched_processes"]) == 5
+
+
+# --- GPU memory, bursts and sources ----------------------------------------------------
+
+
+def test_gpu_memory_held_is_busy() -> None:
+    # A model loaded in GPU memory but not computing right now still counts as busy.
+    rule = make_rule(signals={"gpu_util_below_percent": 5, "gpu_memory_below_mb": 1000})
+    samples = [sample(minutes, gpu_memory_mb=500.0) for minutes in (28, 20, 12, 4)]
+    samples.append(sample(1, gpu_util_percent=0.0, gpu_memory_mb=22000.0))
+
+    verdict = judge_vm(rule, H100_VM, state_with(samples), NOW)
+
+    assert verdict.kind == "busy"
+    assert verdict.evidence["signals"]["gpu_memory_mb"] == {"max": 22000.0, "threshold": 1000.0}
+
+
+def test_gpu_memory_released_is_idle() -> None:
+    rule = make_rule(signals={"gpu_util_below_percent": 5, "gpu_memory_below_mb": 1000})
+    samples = [sample(minutes, gpu_memory_mb=300.0) for minutes in (28, 20, 12, 4, 1)]
+
+    assert judge_vm(rule, H100_VM, state_with(samples), NOW).kind == "idle"
+
+
+def test_burst_restarts_idle_window() -> None:
+    # One busy sample 10 minutes ago keeps the VM busy until it leaves the 30 m window.
+    history = [sample(minutes) for minutes in range(60, 0, -4)]
+    history.append(sample(10, gpu_util_percent=70.0))
+    state = state_with(history)
+
+    verdicts = {
+        offset: judge_vm(make_rule(), H100_VM, state, NOW + timedelta(minutes=offset)).kind
+        for offset in (0, 19)
+    }
+    later = [*history, *(sample(-minutes) for minutes in range(2, 24, 4))]
+    after = judge_vm(make_rule(), H100_VM, state_with(later), NOW + timedelta(minutes=21))
+
+    assert verdicts == {0: "busy", 19: "busy"}
+    assert after.kind == "idle"
+
+
+def test_other_source_samples_ignored() -> None:
+    samples = [replace(s, source="ssh") for s in QUIET]
+
+    verdict = judge_vm(make_rule(), H100_VM, state_with(samples), NOW)
+
+    assert verdict.kind == "unknown"
+    assert verdict.reason == "no_samples"
+    assert verdict.evidence["sources"] == ["heartbeat"]
+
+
+def test_both_sources_counted() -> None:
+    rule = make_rule(sources=["heartbeat", "ssh"])
+    samples = [replace(s, source="ssh") if i % 2 else s for i, s in enumerate(QUIET)]
+    busy_ssh = [*samples, sample(2, gpu_util_percent=90.0, source="ssh")]
+
+    assert judge_vm(rule, H100_VM, state_with(samples), NOW).kind == "idle"
+    assert judge_vm(rule, H100_VM, state_with(busy_ssh), NOW).kind == "busy"
+
+
+def test_grace_after_start_blocks_warning() -> None:
+    rule = make_rule(window="10m", grace_after_start="1h")
+    state = state_with(running_for=timedelta(minutes=45))
+
+    assert evaluate(rule, SNAPSHOT, state, NOW) == []
+    assert judge_vm(rule, H100_VM, state, NOW).evidence["running_seconds"] == 45 * 60

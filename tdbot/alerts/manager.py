@@ -17,6 +17,9 @@ database) neither re-sends an open alert before its repeat interval nor forgets 
   when first reported, and resolved without a message at the first run of the rule that
   no longer reports it. The separate rule name keeps reports out of the rule's
   `RuleState.open_alerts`, which evaluation reads as its own firing alerts.
+  A report whose evidence sets `messages.IDLE_WARNING_BUTTONS` announces an idle
+  warning and carries its "Keep 1 h" / "Keep 4 h" / "Stop now" buttons, while the
+  warning is still stored.
 
 The messages of one run are sent as one grouped message when there is more than one.
 Alerts and reports about a VM that is not running are dropped first, for the rule
@@ -39,7 +42,7 @@ from tdbot.alerts.inhibit import drop_inhibited
 from tdbot.alerts.silence import is_silenced, silenced_until_resolved
 from tdbot.evaluation.balance import SUBJECT_ACCOUNT
 from tdbot.evaluation.model import Decision, FireAlert, Report, ResolveAlert, Severity
-from tdbot.notify.base import Message, Notifier, NotifyError
+from tdbot.notify.base import Button, Message, Notifier, NotifyError
 from tdbot.store.db import Store
 from tdbot.store.tables import AlertRecord, AlertState
 
@@ -119,6 +122,8 @@ class AlertManager:
 
         outgoing: list[Message] = []
         reported: set[str] = set()
+        # With several idle warnings in one message, each button row names its VM.
+        name_warnings = sum(1 for d in decisions if _offers_keep_buttons(d)) > 1
         for decision in decisions:
             if isinstance(decision, FireAlert):
                 outgoing.extend(
@@ -128,7 +133,7 @@ class AlertManager:
                 outgoing.extend(await self._resolve(decision, now))
             elif isinstance(decision, Report):
                 reported.add(report_subject(decision))
-                outgoing.extend(await self._report(decision, now))
+                outgoing.extend(await self._report(decision, now, name_warnings))
         await self._resolve_missing_reports(rule, reported, now)
 
         if not outgoing:
@@ -255,7 +260,9 @@ class AlertManager:
             return []
         return [messages.resolved(rule, subject, decision.summary, alert.first_fired_at, now)]
 
-    async def _report(self, decision: Report, now: datetime) -> list[Message]:
+    async def _report(
+        self, decision: Report, now: datetime, name_warnings: bool = False
+    ) -> list[Message]:
         rule, subject = report_rule(decision.rule), report_subject(decision)
         alert = await self._store.upsert_alert(
             rule, subject, severity="info", message=decision.summary, now=now
@@ -264,7 +271,24 @@ class AlertManager:
         if not await self._store.claim_alert_send(_id(alert), repeat_every=None, now=now):
             return []
         logger.info("report %s/%s sent", decision.rule, subject)
-        return [messages.reported(decision.rule, decision.subject, decision.summary)]
+        buttons = await self._keep_buttons(decision, name_warnings)
+        return [
+            messages.reported(decision.rule, decision.subject, decision.summary, buttons=buttons)
+        ]
+
+    async def _keep_buttons(
+        self, decision: Report, name_warnings: bool
+    ) -> tuple[tuple[Button, ...], ...]:
+        """Return the buttons of an idle warning's report; none for other reports."""
+        if not _offers_keep_buttons(decision):
+            return ()
+        stored = await self._store.idle_warning(decision.rule, decision.subject)
+        if stored is None:
+            # Settled or cancelled before the report went out, so there is nothing to keep.
+            return ()
+        name = str(decision.evidence.get("vm_name") or decision.subject)
+        prefix = f"{name}: " if name_warnings else ""
+        return messages.idle_warning_buttons(stored.button_id, prefix=prefix)
 
     async def _resolve_missing_reports(self, rule: str, reported: set[str], now: datetime) -> None:
         stored_rule = report_rule(rule)
@@ -285,6 +309,12 @@ class AlertManager:
             await self._notifier.send(message)
         except NotifyError as exc:
             logger.error("sending %r failed: %s", message.title, exc)
+
+
+def _offers_keep_buttons(decision: Decision) -> bool:
+    return isinstance(decision, Report) and bool(
+        decision.evidence.get(messages.IDLE_WARNING_BUTTONS)
+    )
 
 
 def _was_announced(alert: AlertRecord, now: datetime) -> bool:

@@ -1,12 +1,15 @@
 """Build the notification for each alert change, and group one rule run's notifications.
 
 A message about a firing alert names the alert ("Alert #12: rule/subject") and carries
-the silence buttons, when the caller passes the alert's id.
+the silence buttons, when the caller passes the alert's id. The report of an idle
+warning carries the buttons "Keep 1 h", "Keep 4 h" and "Stop now" (`idle_warning_buttons`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from tdbot.alerts.silence import alert_buttons, numbered_buttons
@@ -132,11 +135,73 @@ def resolved(
     )
 
 
-def reported(rule: str, subject: str, summary: str) -> Message:
-    """Return the message of a report: something the rule could not decide."""
+def reported(
+    rule: str, subject: str, summary: str, *, buttons: tuple[tuple[Button, ...], ...] = ()
+) -> Message:
+    """Return the message of a report: something the rule could not decide, or a warning."""
     return Message(
-        title=f"Report from {rule}", lines=(summary,), severity="info", key=(rule, subject)
+        title=f"Report from {rule}",
+        lines=(summary,),
+        severity="info",
+        key=(rule, subject),
+        buttons=buttons,
     )
+
+
+# --- idle warning buttons --------------------------------------------------------------
+
+# Evidence key of a Report that announces an idle warning and offers its buttons.
+IDLE_WARNING_BUTTONS = "idle_warning_buttons"
+KEEP_CALLBACK_PREFIX = "k"
+STOP_NOW = "now"
+# Button choices: callback code, button text and how much longer the VM is kept.
+KEEP_CHOICES: tuple[tuple[str, str, timedelta | None], ...] = (
+    ("1h", "Keep 1 h", timedelta(hours=1)),
+    ("4h", "Keep 4 h", timedelta(hours=4)),
+    (STOP_NOW, "Stop now", None),
+)
+_KEEP_DURATIONS = {code: duration for code, _, duration in KEEP_CHOICES}
+# The warning id is "<row id>.<check>", as `StoredIdleWarning.button_id` makes it.
+_KEEP_PATTERN = re.compile(r"k:([0-9]{1,18})\.([0-9a-f]{1,16}):(1h|4h|now)")
+
+
+@dataclass(frozen=True)
+class KeepChoice:
+    """A pressed idle warning button: the warning's row and check, and what to do."""
+
+    row_id: int
+    check: str
+    code: str
+
+    @property
+    def keep_for(self) -> timedelta | None:
+        """How much longer to keep the VM; None for "Stop now"."""
+        return _KEEP_DURATIONS[self.code]
+
+
+def idle_warning_buttons(warning_id: str, *, prefix: str = "") -> tuple[tuple[Button, ...], ...]:
+    """Return the row of buttons under an idle warning; `prefix` starts each text."""
+    return (
+        tuple(
+            Button(f"{prefix}{text}", f"{KEEP_CALLBACK_PREFIX}:{warning_id}:{code}")
+            for code, text, _ in KEEP_CHOICES
+        ),
+    )
+
+
+def is_keep_callback(data: str) -> bool:
+    return data.startswith(f"{KEEP_CALLBACK_PREFIX}:")
+
+
+def parse_keep_callback(data: str) -> KeepChoice | None:
+    """Parse `k:<row id>.<check>:<choice>`; None when the data is malformed."""
+    match = _KEEP_PATTERN.fullmatch(data)
+    if match is None:
+        return None
+    return KeepChoice(int(match.group(1)), match.group(2), match.group(3))
+
+
+# --- grouping ----------------------------------------------------------------------------
 
 
 def group(rule: str, messages: Sequence[Message]) -> Message:

@@ -42,6 +42,7 @@ from telegram.ext import (
 )
 
 from tdbot.alerts import silence
+from tdbot.alerts.messages import is_keep_callback
 from tdbot.bot.access import REJECTION_TEXT, Allowlist
 from tdbot.bot.arguments import UsageError
 from tdbot.bot.chat_actions import ChatActions, ask_deploy, deploy_decisions_awaiting
@@ -53,6 +54,7 @@ from tdbot.bot.confirmations import (
     is_confirmation_callback,
     parse_callback,
 )
+from tdbot.bot.idle_warnings import IdleWarningButtons
 from tdbot.bot.views import error_message, moment
 from tdbot.daemon.engine import TickResult
 from tdbot.logsafe import redact
@@ -104,6 +106,13 @@ class ChatBot:
             store=daemon.store,
             clock=daemon.clock,
             executor=daemon.executor,
+            rules=lambda: daemon.rules,
+        )
+        self.idle_warnings = IdleWarningButtons(
+            client=daemon.client,
+            store=daemon.store,
+            clock=daemon.clock,
+            confirmations=self.confirmations,
             rules=lambda: daemon.rules,
         )
         self.commands = Commands(
@@ -259,7 +268,7 @@ class ChatBot:
     # --- buttons ---------------------------------------------------------------------
 
     async def _button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Route a button press: confirmations, alert silences, or an unknown button."""
+        """Route a button press: confirmations, alert silences, idle warnings, or unknown."""
         query = update.callback_query
         user = update.effective_user
         if query is None or user is None:
@@ -272,9 +281,22 @@ class ChatBot:
                 self._daemon.store, data, user.id, self._daemon.clock.now()
             )
             await query.answer(text)
+        elif is_keep_callback(data):
+            await self._idle_warning_button(update, data, user.id)
         else:
             logger.warning("unknown button data %r from user %d", data[:64], user.id)
             await query.answer("This button is not known to this bot, so nothing was done.")
+
+    async def _idle_warning_button(self, update: Update, data: str, user_id: int) -> None:
+        """Keep a warned VM longer, or ask to confirm its stop, from an idle warning's button."""
+        query = update.callback_query
+        assert query is not None
+        chat = update.effective_chat
+        chat_id = chat.id if chat is not None else None
+        reply = await self.idle_warnings.press(data, user_id=user_id, chat_id=chat_id)
+        await query.answer(reply.answer)
+        if reply.question is not None:
+            await self.send(chat_id if chat_id is not None else user_id, reply.question)
 
     async def _confirmation_button(self, update: Update, data: str, user_id: int) -> None:
         query = update.callback_query

@@ -13,6 +13,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tdbot.actions.executor import ActionExecutor
 from tdbot.actions.outcome import ActionOutcome, OutcomeStatus
@@ -22,8 +23,13 @@ from tdbot.daemon.snapshot import SnapshotProvider
 from tdbot.daemon.state_updates import apply_state_updates, outcome_alerts
 from tdbot.evaluation import evaluate
 from tdbot.evaluation.model import Decision, MarketSnapshot
+from tdbot.probes.hook import ProbeHook
 from tdbot.rules.schema import IdleStopRule, LowBalanceRule, RuleBase
 from tdbot.store.db import Store
+
+if TYPE_CHECKING:
+    from tdbot.config import SshSettings
+    from tdbot.probes.ssh import SshProbe
 
 logger = logging.getLogger("tdbot.daemon.engine")
 
@@ -68,12 +74,16 @@ class RuleEngine:
         executor: ActionExecutor,
         alerts: AlertManager | None,
         clock: Clock,
+        ssh_probe: SshProbe | None = None,
+        ssh_settings: SshSettings | None = None,
     ) -> None:
         self._store = store
         self._snapshots = snapshots
         self._executor = executor
         self._alerts = alerts
         self._clock = clock
+        # Reads idle signals over SSH for idle_stop rules with "ssh" in `sources`.
+        self._probes = ProbeHook(ssh_probe, ssh_settings)
         self._locks: dict[str, asyncio.Lock] = {}
         self._batch: TickBatch | None = None
         # A weak reference, so the engine does not keep a large market in memory.
@@ -139,10 +149,13 @@ class RuleEngine:
             await self._record_snapshot(snapshot)
             now = self._clock.now()
 
-            # 1. Decide from the snapshot and what earlier ticks stored.
+            # 1. Decide from the snapshot and what earlier ticks stored. An idle rule
+            # that reads over SSH probes its VMs first, so this tick's readings count.
+            # The probe's alerts, such as a changed host key, join the decisions.
+            probe_alerts = await self._probes.before_evaluation(rule, snapshot, self._store, now)
             lookback = rule.window if isinstance(rule, IdleStopRule) else None
             state = await self._store.load_rule_state(rule.name, idle_lookback=lookback, now=now)
-            result.decisions = evaluate(rule, snapshot, state, now)
+            result.decisions = [*probe_alerts, *evaluate(rule, snapshot, state, now)]
 
             # 2. Act within the guards, then remember what changed.
             result.outcomes = await self._executor.execute(rule, result.decisions, snapshot, now)

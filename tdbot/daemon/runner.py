@@ -150,7 +150,12 @@ async def open_daemon(
         )
         alerts = AlertManager(store, notifier, repeat_interval=settings.alerts.repeat_interval)
         engine = RuleEngine(
-            store=store, snapshots=snapshots, executor=executor, alerts=alerts, clock=clock
+            store=store,
+            snapshots=snapshots,
+            executor=executor,
+            alerts=alerts,
+            clock=clock,
+            ssh_settings=settings.ssh,
         )
         yield Daemon(
             settings,

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tdbot.actions.outcome import ActionOutcome, OutcomeStatus
+from tdbot.alerts.messages import IDLE_WARNING_BUTTONS
 from tdbot.evaluation.cheapest import updated_best_price
 from tdbot.evaluation.idle import running_since_updates
 from tdbot.evaluation.model import (
@@ -93,7 +94,7 @@ def outcome_alerts(rule: RuleBase, outcomes: Sequence[ActionOutcome]) -> list[De
                     rule=rule.name,
                     subject=decision.subject,
                     summary=decision.summary,
-                    evidence=evidence | {"reason": kind},
+                    evidence=evidence | {"reason": kind} | _keep_buttons_evidence(outcome),
                 )
             )
         elif outcome.status in (OutcomeStatus.FAILED, OutcomeStatus.UNKNOWN):
@@ -130,6 +131,14 @@ def outcome_alerts(rule: RuleBase, outcomes: Sequence[ActionOutcome]) -> list[De
                 )
             )
     return decisions
+
+
+def _keep_buttons_evidence(outcome: ActionOutcome) -> dict[str, Any]:
+    """Ask for the "Keep" and "Stop now" buttons under a stored idle warning's report."""
+    decision = outcome.decision
+    if not isinstance(decision, WarnIdle) or outcome.status is not OutcomeStatus.DONE:
+        return {}
+    return {IDLE_WARNING_BUTTONS: True, "vm_name": decision.evidence.get("vm_name")}
 
 
 OUTCOME_LABELS = {

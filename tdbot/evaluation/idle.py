@@ -7,12 +7,15 @@ A Running VM is idle only when all of these hold:
    started now, so its clock starts at the first tick that observes it running;
 2. the window [now - window, now] contains at least `min_samples` samples, the newest no
    older than `max_sample_age`, and none of them reports an error;
-3. every configured signal is present in every sample and strictly below its threshold.
+3. every configured signal is present in every sample and strictly below its threshold;
+4. when the rule lists `busy_processes`, every sample lists the VM's processes and no
+   command line matches a pattern (shell wildcards, case-sensitive, whole command line).
 
-A sample with a configured signal at or above its threshold makes the VM busy, even if
-other samples are missing or failed, because busy is the safe verdict. When the verdict is
-neither idle nor busy it is unknown, and the user gets a report with a stable `reason`
-key instead of a stop. An idle VM is warned first, and stopped once the warning is due.
+Only samples from the rule's `sources` count. A sample with a configured signal at or
+above its threshold, or with a matching process, makes the VM busy, even if other samples
+are missing or failed, because busy is the safe verdict. When the verdict is neither idle
+nor busy it is unknown, and the user gets a report with a stable `reason` key instead of
+a stop. An idle VM is warned first, and stopped once the warning is due.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 from tdbot.evaluation.common import unknown_data_report
@@ -45,6 +49,12 @@ SIGNAL_FIELDS: dict[str, str] = {
     "cpu_load_below": "cpu_load",
     "network_below_kbps": "network_kbps",
 }
+
+# The pseudo-signal name of the process list in `missing_signals` evidence.
+PROCESSES_SIGNAL = "processes"
+# Matched processes listed in a verdict's evidence, and the characters kept of each.
+MAX_EVIDENCE_PROCESSES = 5
+MAX_EVIDENCE_COMMAND_CHARS = 200
 
 VerdictKind = Literal["idle", "busy", "unknown", "starting"]
 
@@ -134,10 +144,15 @@ def judge_vm(rule: IdleStopRule, vm_id: str, state: RuleState, now: datetime) ->
             "starting", "starting", base | {"running_seconds": running_for.total_seconds()}
         )
 
-    samples = samples_in_window(state.idle_samples.get(vm_id, []), now - rule.window, now)
+    stored = state.idle_samples.get(vm_id, [])
+    in_window = samples_in_window(stored, now - rule.window, now)
+    samples = [sample for sample in in_window if sample.source in rule.sources]
     evidence = base | _window_evidence(rule, samples, now)
     if not samples:
         return Verdict("unknown", "no_samples", evidence)
+    matched = matched_processes(rule.busy_processes, samples)
+    if matched:
+        return Verdict("busy", None, evidence | {"matched_processes": matched})
     if _any_busy(rule.signals, samples):
         return Verdict("busy", None, evidence)
 
@@ -164,6 +179,37 @@ def configured_signals(signals: IdleSignals) -> dict[str, float]:
     }
 
 
+def matched_processes(
+    patterns: Sequence[str], samples: Sequence[IdleSample]
+) -> list[dict[str, str]]:
+    """Return the distinct command lines in `samples` that match a pattern, newest first.
+
+    Each entry names the command line (cut to MAX_EVIDENCE_COMMAND_CHARS), the pattern
+    it matched and when it was seen; at most MAX_EVIDENCE_PROCESSES entries are returned.
+    """
+    found: dict[str, dict[str, str]] = {}
+    for sample in reversed(samples):
+        for command in sample.processes or ():
+            pattern = _first_match(patterns, command)
+            if pattern is None or command in found:
+                continue
+            found[command] = {
+                "process": command[:MAX_EVIDENCE_COMMAND_CHARS],
+                "pattern": pattern,
+                "at": sample.at.isoformat(),
+            }
+            if len(found) == MAX_EVIDENCE_PROCESSES:
+                return list(found.values())
+    return list(found.values())
+
+
+def _first_match(patterns: Sequence[str], command: str) -> str | None:
+    for pattern in patterns:
+        if fnmatchcase(command, pattern):
+            return pattern
+    return None
+
+
 def _decide_vm(
     rule: IdleStopRule, vm: VirtualMachine, state: RuleState, now: datetime
 ) -> list[Decision]:
@@ -181,7 +227,9 @@ def _decide_vm(
         if warning is None:
             return []
         if verdict.kind == "busy":
-            summary = f"VM {vm.name} is busy again, so its idle stop is cancelled."
+            summary = (
+                f"VM {vm.name} is busy again{_busy_cause(verdict)}, so its idle stop is cancelled."
+            )
             return [_cancel(rule, vm.id, summary, "busy", verdict.evidence)]
         summary = f"VM {vm.name} was started again, so its idle stop is cancelled."
         return [_cancel(rule, vm.id, summary, "restarted", verdict.evidence)]
@@ -191,6 +239,13 @@ def _decide_vm(
     if now >= warning.due_at:
         return [_stop(rule, vm, verdict, warning.warned_at)]
     return []
+
+
+def _busy_cause(verdict: Verdict) -> str:
+    matched = verdict.evidence.get("matched_processes")
+    if not matched:
+        return ""
+    return f" (process {matched[0]['process']!r} is running)"
 
 
 def _any_busy(signals: IdleSignals, samples: list[IdleSample]) -> bool:
@@ -226,6 +281,9 @@ def _unknown_reason(
         for sample_field in configured_signals(rule.signals)
         if any(getattr(sample, sample_field) is None for sample in samples)
     )
+    # A sample without a process list cannot show that a listed process was running.
+    if rule.busy_processes and any(sample.processes is None for sample in samples):
+        missing.append(PROCESSES_SIGNAL)
     if missing:
         return "missing_signal", {"missing_signals": missing}
     return None, {}
@@ -239,12 +297,16 @@ def _window_evidence(
         values = [getattr(s, sample_field) for s in samples if getattr(s, sample_field) is not None]
         signals[sample_field] = {"max": max(values) if values else None, "threshold": threshold}
     newest_age = (now - samples[-1].at).total_seconds() if samples else None
-    return {
+    evidence: dict[str, Any] = {
+        "sources": list(rule.sources),
         "samples": len(samples),
         "min_samples": rule.min_samples,
         "newest_sample_age_seconds": newest_age,
         "signals": signals,
     }
+    if rule.busy_processes:
+        evidence["busy_processes"] = list(rule.busy_processes)
+    return evidence
 
 
 def _unknown_report(rule: IdleStopRule, vm: VirtualMachine, verdict: Verdict) -> Report:
@@ -256,12 +318,16 @@ def _unknown_report(rule: IdleStopRule, vm: VirtualMachine, verdict: Verdict) ->
         "missing_signal": "samples without a configured signal",
     }
     reason = verdict.reason or "unknown"
+    explanation = explanations.get(reason, reason)
+    missing = verdict.evidence.get("missing_signals")
+    if reason == "missing_signal" and missing:
+        explanation += f" ({', '.join(missing)})"
     return Report(
         rule=rule.name,
         subject=vm.id,
         summary=(
             f"Cannot tell whether VM {vm.name} is idle because there are "
-            f"{explanations.get(reason, reason)}, so it will not be stopped."
+            f"{explanation}, so it will not be stopped."
         ),
         evidence=verdict.evidence | {"reason": reason},
     )
@@ -277,7 +343,8 @@ def _warn(rule: IdleStopRule, vm: VirtualMachine, verdict: Verdict, now: datetim
             f"{_action_text(rule)} at {due_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC "
             "unless it becomes busy."
         ),
-        evidence=verdict.evidence | {"due_at": due_at.isoformat(), "action": rule.action},
+        evidence=verdict.evidence
+        | {"due_at": due_at.isoformat(), "action": rule.action, "vm_name": vm.name},
         due_at=due_at,
     )
 

@@ -46,6 +46,8 @@ class IdleSample:
     gpu_memory_mb: float | None = None
     cpu_load: float | None = None
     network_kbps: float | None = None
+    # Command lines of the running processes, or None when the source did not list them.
+    processes: tuple[str, ...] | None = None
     source: str = "heartbeat"
     error: str | None = None
 

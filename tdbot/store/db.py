@@ -6,6 +6,7 @@ by `record_intent` is durable before the caller sends the API call it describes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, delete, event, func, update
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -41,6 +43,7 @@ from tdbot.store.tables import (
     PriceSnapshot,
     RuleRun,
     RuleStateRecord,
+    SshHostKeyRecord,
     VmObservation,
     utc_now,
 )
@@ -276,6 +279,7 @@ class Store:
                     gpu_memory_mb=sample.gpu_memory_mb,
                     cpu_load=sample.cpu_load,
                     network_kbps=sample.network_kbps,
+                    processes=None if sample.processes is None else list(sample.processes),
                     source=sample.source,
                     error=sample.error,
                 )
@@ -797,6 +801,107 @@ class Store:
         async with self._sessions() as session:
             return (await session.exec(query)).first()
 
+    # --- SSH host keys (tdbot.probes) --------------------------------------------
+
+    async def get_host_key(self, vm_id: str) -> SshHostKeyRecord | None:
+        """Return the trusted SSH host key of a VM, or None when none is stored."""
+        async with self._sessions() as session:
+            return await session.get(SshHostKeyRecord, vm_id)
+
+    async def trust_host_key(
+        self, vm_id: str, *, key_type: str, fingerprint: str, public_key: str, now: datetime
+    ) -> SshHostKeyRecord:
+        """Store the first SSH host key seen on a VM and return the stored key.
+
+        When a key is already stored (a concurrent probe stored it first), that key is
+        returned unchanged, so the caller compares it with the key it was shown.
+        """
+        record = SshHostKeyRecord(
+            vm_id=vm_id,
+            key_type=key_type,
+            fingerprint=fingerprint,
+            public_key=public_key,
+            first_seen_at=now,
+            last_seen_at=now,
+        )
+        try:
+            async with self._sessions() as session:
+                session.add(record)
+                await session.commit()
+                return record
+        except IntegrityError:
+            stored = await self.get_host_key(vm_id)
+            if stored is None:
+                raise
+            return stored
+
+    async def touch_host_key(self, vm_id: str, now: datetime) -> None:
+        """Set the time the stored SSH host key of a VM was last seen."""
+        statement = (
+            update(SshHostKeyRecord)
+            .where(col(SshHostKeyRecord.vm_id) == vm_id)
+            .values(last_seen_at=now)
+        )
+        async with self._sessions() as session:
+            await session.exec(statement)
+            await session.commit()
+
+    async def forget_host_key(self, vm_id: str) -> bool:
+        """Delete the stored SSH host key of a VM, so the next probe trusts the key presented.
+
+        Use it after a VM was reinstalled and its new key was checked. Returns whether
+        a key was stored.
+        """
+        statement = delete(SshHostKeyRecord).where(col(SshHostKeyRecord.vm_id) == vm_id)
+        async with self._sessions() as session:
+            result = await session.exec(statement)
+            await session.commit()
+            return bool(result.rowcount)
+
+    # --- end of SSH host keys ----------------------------------------------------
+
+    # --- idle warning buttons (tdbot.bot.idle_warnings) ---------------------------
+
+    async def idle_warning(self, rule: str, vm_id: str) -> StoredIdleWarning | None:
+        """Return the pending idle warning of `rule` for a VM, with its row id."""
+        query = select(RuleStateRecord).where(
+            RuleStateRecord.rule == rule, RuleStateRecord.key == PREFIX_IDLE_WARNING + vm_id
+        )
+        async with self._sessions() as session:
+            row = (await session.exec(query)).first()
+        return None if row is None else _stored_idle_warning(row)
+
+    async def idle_warning_by_row(self, row_id: int) -> StoredIdleWarning | None:
+        """Return the pending idle warning stored in row `row_id`, or None."""
+        async with self._sessions() as session:
+            row = await session.get(RuleStateRecord, row_id)
+        if row is None or not row.key.startswith(PREFIX_IDLE_WARNING):
+            return None
+        return _stored_idle_warning(row)
+
+    async def move_idle_warning_due(self, stored: StoredIdleWarning, due_at: datetime) -> bool:
+        """Set a pending warning's stop time to `due_at`; False when it is no longer pending.
+
+        One conditional UPDATE of the same row and key, so a warning that a tick has
+        cancelled or settled in the meantime is not brought back.
+        """
+        warning = IdleWarningState(warned_at=stored.warning.warned_at, due_at=due_at)
+        statement = (
+            update(RuleStateRecord)
+            .where(
+                col(RuleStateRecord.id) == stored.row_id,
+                col(RuleStateRecord.rule) == stored.rule,
+                col(RuleStateRecord.key) == PREFIX_IDLE_WARNING + stored.vm_id,
+            )
+            .values(value=codec.encode_idle_warning(warning), updated_at=self.now())
+        )
+        async with self._sessions() as session:
+            result = await session.exec(statement)
+            await session.commit()
+            return bool(result.rowcount == 1)
+
+    # --- end of idle warning buttons ---------------------------------------------
+
 
 # --- helpers -------------------------------------------------------------------------
 
@@ -869,6 +974,7 @@ def _idle_sample(row: IdleSampleRecord) -> IdleSample:
         gpu_memory_mb=row.gpu_memory_mb,
         cpu_load=row.cpu_load,
         network_kbps=row.network_kbps,
+        processes=None if row.processes is None else tuple(row.processes),
         source=row.source,
         error=row.error,
     )
@@ -895,3 +1001,43 @@ def _current_prices(snapshot: MarketSnapshot) -> dict[tuple[str, str], tuple[flo
                 hostnode.available and offer.amount > 0,
             )
     return prices
+
+
+# --- idle warning buttons ------------------------------------------------------------
+
+# Hex digits of the check in an idle warning's button id.
+_WARNING_CHECK_DIGITS = 6
+
+
+@dataclass(frozen=True)
+class StoredIdleWarning:
+    """A pending idle warning and the row it is stored in."""
+
+    row_id: int
+    rule: str
+    vm_id: str
+    warning: IdleWarningState
+
+    @property
+    def button_id(self) -> str:
+        """Return the short id that chat buttons carry: "<row id>.<check>".
+
+        SQLite may give a deleted row's id to the next new row, so the check, a hash
+        of the rule, VM and warning time, keeps a button of a cancelled warning from
+        acting on a later one.
+        """
+        return f"{self.row_id}.{self.check}"
+
+    @property
+    def check(self) -> str:
+        text = f"{self.rule}\n{self.vm_id}\n{codec.encode_time(self.warning.warned_at)}"
+        return hashlib.sha256(text.encode()).hexdigest()[:_WARNING_CHECK_DIGITS]
+
+
+def _stored_idle_warning(row: RuleStateRecord) -> StoredIdleWarning:
+    return StoredIdleWarning(
+        row_id=_id(row.id),
+        rule=row.rule,
+        vm_id=row.key.removeprefix(PREFIX_IDLE_WARNING),
+        warning=codec.decode_idle_warning(row.value),
+    )

@@ -211,6 +211,7 @@ class IdleSampleRecord(SQLModel, table=True):
     gpu_memory_mb: float | None = None
     cpu_load: float | None = None
     network_kbps: float | None = None
+    processes: list[str] | None = Field(default=None, sa_type=JSON)
     source: str = "heartbeat"
     error: str | None = None
 
@@ -254,3 +255,28 @@ class ConfirmationRecord(SQLModel, table=True):
     expires_at: datetime = Field(sa_type=UtcDateTime)
     used_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     outcome: str | None = None
+
+
+# --- SSH host keys (tdbot.probes) ----------------------------------------------------
+
+
+class SshHostKeyRecord(SQLModel, table=True):
+    """The SSH host key first seen on a VM, trusted for every later idle probe.
+
+    Trust on first use: the first probe of a VM stores its key; a later probe that is
+    shown another key fails until the row is deleted (`Store.forget_host_key`).
+    `fingerprint` is OpenSSH's "SHA256:<base64>" form and `public_key` the one-line
+    OpenSSH public key, such as "ssh-ed25519 AAAA...".
+    """
+
+    __tablename__ = "ssh_host_key"
+
+    vm_id: str = Field(primary_key=True)
+    key_type: str
+    fingerprint: str
+    public_key: str
+    first_seen_at: datetime = Field(sa_type=UtcDateTime)
+    last_seen_at: datetime = Field(sa_type=UtcDateTime)
+
+
+# --- end of SSH host keys ------------------------------------------------------------
