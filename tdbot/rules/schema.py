@@ -86,6 +86,17 @@ def _too_long(value: str) -> ValueError:
     )
 
 
+def check_time_zone(value: str) -> str:
+    """Accept an IANA time zone name, such as "UTC" or "Europe/Berlin"."""
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone {value!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'"
+        ) from None
+    return value
+
+
 def format_duration(value: timedelta) -> str:
     """Format a timedelta the way rule files write it, for example "1h30m"."""
     seconds = int(value.total_seconds())
@@ -162,13 +173,7 @@ class RuleBase(Strict):
     @field_validator("timezone")
     @classmethod
     def _check_timezone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(
-                f"unknown time zone {value!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'"
-            ) from None
-        return value
+        return check_time_zone(value)
 
     @field_validator("cron")
     @classmethod
