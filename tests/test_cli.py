@@ -213,6 +213,8 @@ async def test_check_prints_plan_changes_nothing(
     assert f"Stop {busy_vm}:" in result.stdout
     assert f"Rebid {spot_vm}:" in result.stdout
     assert result.stdout.count("-> dry_run:") == 2
+    assert "evidence: " in result.stdout
+    assert "window_seconds=" in result.stdout
     assert "Nothing was changed (dry run)." in result.stdout
     assert {event.kind for event in market.events[events:]} & CHANGE_EVENTS == set()
     assert {vm.id: vm.status for vm in market.vms.values()} == statuses

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from tdbot.daemon.engine import TickResult
 from tdbot.evaluation.model import Decision
@@ -28,6 +29,8 @@ def print_plan(results: Sequence[TickResult], out: TextIO) -> int:
             out.write("  nothing to do\n")
         for decision in result.decisions:
             out.write(f"  {describe_decision(decision)}\n")
+            if decision.evidence:
+                out.write(f"    evidence: {describe_evidence(decision.evidence)}\n")
         for outcome in result.outcomes:
             out.write(f"    -> {outcome.status}: {outcome.message}\n")
 
@@ -50,3 +53,18 @@ def print_plan(results: Sequence[TickResult], out: TextIO) -> int:
 def describe_decision(decision: Decision) -> str:
     """Return "Kind subject: summary" for one decision."""
     return f"{type(decision).__name__} {decision.subject}: {decision.summary}"
+
+
+# Long evidence values (lists of offers, sample series) are cut so the plan stays readable.
+EVIDENCE_VALUE_CHARS = 120
+
+
+def describe_evidence(evidence: dict[str, Any]) -> str:
+    """Return the evidence as "key=value" pairs in one line, long values shortened."""
+    pairs = []
+    for key, value in evidence.items():
+        text = json.dumps(value, default=str, separators=(",", ":"))
+        if len(text) > EVIDENCE_VALUE_CHARS:
+            text = text[: EVIDENCE_VALUE_CHARS - 3] + "..."
+        pairs.append(f"{key}={text}")
+    return ", ".join(pairs)
