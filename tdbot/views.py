@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
@@ -15,6 +15,7 @@ from tdbot.config import ConfigError, Secrets, Settings
 from tdbot.evaluation.burn import burn_rate, vm_hourly_cost
 from tdbot.evaluation.pricing import Offer, rank_hostnodes
 from tdbot.rules.schema import HostnodeSpec
+from tdbot.spec import SpecError, check_gpu_names, parse_spec_fields, parse_terms
 from tdbot.tensordock.client import TensorDockClient
 from tdbot.tensordock.errors import TensorDockError
 from tdbot.tensordock.models import Hostnode
@@ -54,18 +55,56 @@ def _error(error: Exception) -> int:
     return 1
 
 
+# Columns `tdbot hostnodes --sort` accepts, and the key each sorts by; ties keep price order.
+SORT_KEYS: dict[str, Callable[[Offer], Any]] = {
+    "price": lambda offer: offer.price.total_usd,
+    "gpu": lambda offer: offer.sizing.gpu_model,
+    "hostnode": lambda offer: offer.hostnode_id,
+    "location": lambda offer: offer.location,
+    "ports": lambda offer: -len(offer.free_ports),
+    "uptime": lambda offer: -(offer.uptime_percent if offer.uptime_percent is not None else -1.0),
+}
+
+
+def hostnode_spec(text: str, overrides: dict[str, Any]) -> HostnodeSpec:
+    """Build a spec from a spec string and option values, which replace the string's fields.
+
+    GPU names are not checked here, because the live hostnode list checks them later.
+    """
+    fields = parse_spec_fields(text, gpu_models=()) if text.strip() else {}
+    fields.update(overrides)
+    if not fields.get("gpu"):
+        raise ValueError(
+            "give a GPU in the spec or with --gpu, for example "
+            "'tdbot hostnodes \"gpu=4090 price<0.6\"' or --gpu geforcertx4090-pcie-24gb"
+        )
+    return HostnodeSpec.model_validate(fields)
+
+
 async def show_hostnodes(
-    settings: Settings, spec_fields: dict[str, Any], limit: int, as_json: bool, out: TextIO
+    settings: Settings,
+    spec_text: str,
+    overrides: dict[str, Any],
+    limit: int,
+    as_json: bool,
+    out: TextIO,
+    sort: str = "price",
 ) -> int:
     """Print the cheapest hostnodes for a spec; the hostnode list needs no credentials."""
     try:
-        if not spec_fields["gpu"]:
-            raise ValueError("give at least one --gpu, for example --gpu geforcertx4090-pcie-24gb")
-        spec = HostnodeSpec.model_validate(spec_fields)
+        spec = hostnode_spec(spec_text, overrides)
         async with _client(settings, None) as client:
             hostnodes = await client.list_hostnodes()
-        check_gpu_models_offered(hostnodes.values(), spec.gpu)
-        offers = rank_hostnodes(hostnodes, spec)[:limit]
+        if "gpu" in overrides:
+            # --gpu takes exact model ids, so a near miss gets the list of ids.
+            check_gpu_models_offered(hostnodes.values(), spec.gpu)
+        else:
+            offered = {model for hostnode in hostnodes.values() for model in hostnode.specs.gpu}
+            check_gpu_names(parse_terms(spec_text), offered)
+        offers = rank_hostnodes(hostnodes, spec)
+        offers = sorted(offers, key=SORT_KEYS[sort])[:limit]
+    except SpecError as error:
+        return _error(ValueError(f"invalid spec, {error}\n{error.pointer(spec_text)}"))
     except (ValueError, ValidationError, TensorDockError) as error:
         return _error(error)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tdbot.rules.schema import HostnodeSpec
+from tdbot.spec import gpu_matches, gpu_vram_gb
 from tdbot.tensordock.models import Bounds, Hostnode, Restriction
 
 # Prices are compared and sorted at this many decimals, so that sums of float unit
@@ -233,9 +234,45 @@ def full_price(hostnode: Hostnode, sizing: Sizing) -> PriceBreakdown:
 
 def location_matches(hostnode: Hostnode, spec: HostnodeSpec) -> bool:
     """Return True when the hostnode's country and city pass the spec's filters, ignoring case."""
-    return _in_filter(hostnode.location.country, spec.countries) and _in_filter(
-        hostnode.location.city, spec.cities
-    )
+    country, city = hostnode.location.country, hostnode.location.city
+    if _listed(country, spec.exclude_countries) or _listed(city, spec.exclude_cities):
+        return False
+    return _in_filter(country, spec.countries) and _in_filter(city, spec.cities)
+
+
+def _listed(value: str | None, entries: list[str]) -> bool:
+    return bool(entries) and value is not None and _in_filter(value, entries)
+
+
+def matching_gpu_models(hostnode: Hostnode, name: str, spec: HostnodeSpec) -> list[str]:
+    """Return the hostnode's GPU model ids that match a GPU name of the spec and its VRAM range.
+
+    A name is a model id or a fragment such as "4090" (see `tdbot.spec.gpu_matches`).
+    """
+    return [
+        model
+        for model in sorted(hostnode.specs.gpu)
+        if gpu_matches(name, model)
+        and not any(gpu_matches(excluded, model) for excluded in spec.exclude_gpu)
+        and _vram_passes(model, spec)
+    ]
+
+
+def _vram_passes(model: str, spec: HostnodeSpec) -> bool:
+    if spec.min_vram_gb is None and spec.max_vram_gb is None:
+        return True
+    # A model id without a "-NNgb" suffix has unknown VRAM, which cannot meet a bound.
+    vram = gpu_vram_gb(model)
+    if vram is None:
+        return False
+    if spec.min_vram_gb is not None and vram < spec.min_vram_gb:
+        return False
+    return spec.max_vram_gb is None or vram <= spec.max_vram_gb
+
+
+def price_passes(price: PriceBreakdown, spec: HostnodeSpec) -> bool:
+    """Return True when the full hourly price is within the spec's cap, if it has one."""
+    return spec.max_usd_per_hour is None or price.total_usd <= spec.max_usd_per_hour
 
 
 def _in_filter(value: str | None, allowed: list[str]) -> bool:
@@ -272,11 +309,24 @@ def rank_hostnodes(
     offers = [
         offer
         for hostnode in _hostnode_values(hostnodes)
-        for gpu_model in spec.gpu
+        for gpu_model in _hostnode_models(hostnode, spec)
         if (offer := make_offer(hostnode, gpu_model, spec, ports_needed)) is not None
     ]
     offers.sort(key=_rank_key)
     return offers
+
+
+def _hostnode_models(hostnode: Hostnode, spec: HostnodeSpec) -> list[str]:
+    # Several names can match one model, as "4090" and "geforcertx4090-pcie-24gb" do,
+    # and the model is priced once.
+    models: list[str] = []
+    for name in spec.gpu:
+        # An unmatched name is kept, so the rejection count reports "no_gpu_model".
+        unmatched = [] if name in hostnode.specs.gpu else [name]
+        for model in matching_gpu_models(hostnode, name, spec) or unmatched:
+            if model not in models:
+                models.append(model)
+    return models
 
 
 def make_offer(
@@ -288,10 +338,13 @@ def make_offer(
     sizing = size_deployment(hostnode, gpu_model, spec, ports_needed)
     if sizing is None:
         return None
+    price = full_price(hostnode, sizing)
+    if not price_passes(price, spec):
+        return None
     return Offer(
         hostnode_id=hostnode.id,
         sizing=sizing,
-        price=full_price(hostnode, sizing),
+        price=price,
         location=hostnode.location.describe() or "unknown location",
         country=hostnode.location.country,
         city=hostnode.location.city,
@@ -311,7 +364,7 @@ def count_rejections(
     """
     reasons: Counter[str] = Counter()
     for hostnode in _hostnode_values(hostnodes):
-        for gpu_model in spec.gpu:
+        for gpu_model in _hostnode_models(hostnode, spec):
             reason = _rejection(hostnode, gpu_model, spec, ports_needed)
             if reason is not None:
                 reasons[reason] += 1
@@ -326,7 +379,9 @@ def _rejection(
     if not uptime_passes(hostnode, spec):
         return "uptime_unknown" if uptime_percent(hostnode) is None else "uptime_below_min"
     result = check_fit(hostnode, gpu_model, spec, ports_needed)
-    return result if isinstance(result, str) else None
+    if isinstance(result, str):
+        return result
+    return None if price_passes(full_price(hostnode, result), spec) else "price_above_max"
 
 
 def _hostnode_values(
