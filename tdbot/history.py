@@ -1,0 +1,351 @@
+"""Price history of one GPU model: the lowest available GPU unit price over time.
+
+What is computed, and what is not:
+
+- The series is the lowest USD per GPU-hour among hostnodes that offered the model as
+  available, rebuilt as a step function from the stored change rows. It is the GPU
+  unit price only. The full price of a deployment (vCPUs, RAM, storage) is not
+  stored per tick, so it is not part of the series.
+- Times when no hostnode offered the model are gaps: they count in no statistic.
+- The statistics of a window (1, 7, 30 days by default) are time-weighted: each value
+  counts for as long as it held. A percentile p is the lowest value v such that the
+  series was at or under v for at least p% of the covered time (the lower weighted
+  percentile, so it is always a price that really occurred).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TextIO
+
+from tdbot.evaluation.cheapest import ranked_offers
+from tdbot.evaluation.model import MarketSnapshot, RuleState
+from tdbot.rules.schema import CheapestHostnodeRule, RuleBase
+
+if TYPE_CHECKING:
+    from tdbot.store.db import PricePoint, Store
+
+DEFAULT_WINDOWS_DAYS = (1, 7, 30)
+SPARK_LEVELS = "▁▂▃▄▅▆▇█"
+SPARK_WIDTH = 48
+
+
+@dataclass(frozen=True)
+class PriceStep:
+    """The lowest available price from `start` until the next step; None is a gap."""
+
+    start: datetime
+    usd_per_gpu_hour: float | None
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """Time-weighted statistics of the series over the last `days` days."""
+
+    days: float
+    lowest: float | None
+    p10: float | None
+    median: float | None
+    p90: float | None
+    covered_hours: float
+
+
+@dataclass(frozen=True)
+class PriceReport:
+    """The series and its window statistics for one GPU model, up to `until`."""
+
+    gpu_model: str
+    since: datetime
+    until: datetime
+    steps: list[PriceStep]
+    windows: list[WindowStats]
+
+
+def lowest_price_series(
+    points: Iterable[PricePoint], *, since: datetime, until: datetime
+) -> list[PriceStep]:
+    """Rebuild the lowest available price over [since, until) from change rows.
+
+    `points` must be oldest first and may start before `since`: the rows before it
+    set each hostnode's price at `since`.
+    """
+    current: dict[str, float | None] = {}
+    steps: list[PriceStep] = []
+    for taken_at, group in _group_by_time(points):
+        for point in group:
+            current[point.hostnode_id] = point.usd_per_gpu_hour if point.available else None
+        if taken_at >= until:
+            break
+        _append_step(steps, PriceStep(max(taken_at, since), _lowest(current.values())))
+    return steps
+
+
+def _group_by_time(points: Iterable[PricePoint]) -> list[tuple[datetime, list[PricePoint]]]:
+    groups: list[tuple[datetime, list[PricePoint]]] = []
+    for point in points:
+        if groups and groups[-1][0] == point.taken_at:
+            groups[-1][1].append(point)
+        else:
+            groups.append((point.taken_at, [point]))
+    return groups
+
+
+def _lowest(prices: Iterable[float | None]) -> float | None:
+    available = [price for price in prices if price is not None]
+    return min(available) if available else None
+
+
+def _append_step(steps: list[PriceStep], step: PriceStep) -> None:
+    # Rows before `since` all start at `since`, so the last of them wins; a step with
+    # the same price as the one before adds nothing.
+    if steps and steps[-1].start == step.start:
+        steps[-1] = step
+        if len(steps) > 1 and steps[-2].usd_per_gpu_hour == step.usd_per_gpu_hour:
+            steps.pop()
+        return
+    if steps and steps[-1].usd_per_gpu_hour == step.usd_per_gpu_hour:
+        return
+    steps.append(step)
+
+
+def weighted_values(
+    steps: Sequence[PriceStep], *, since: datetime, until: datetime
+) -> list[tuple[float, float]]:
+    """Return (price, seconds held) of each step clipped to [since, until), gaps left out."""
+    values: list[tuple[float, float]] = []
+    for index, step in enumerate(steps):
+        end = steps[index + 1].start if index + 1 < len(steps) else until
+        start = max(step.start, since)
+        end = min(end, until)
+        if step.usd_per_gpu_hour is None or end <= start:
+            continue
+        values.append((step.usd_per_gpu_hour, (end - start).total_seconds()))
+    return values
+
+
+def weighted_percentile(values: Sequence[tuple[float, float]], percent: float) -> float | None:
+    """Return the lowest price at or under which the series spent `percent`% of its time."""
+    total = sum(seconds for _, seconds in values)
+    if total <= 0:
+        return None
+    needed = total * percent / 100
+    cumulative_seconds = 0.0
+    for price, seconds in sorted(values):
+        cumulative_seconds += seconds
+        # A small tolerance, so 50% of 2 equal halves lands on the lower half.
+        if cumulative_seconds >= needed - 1e-9 * total:
+            return price
+    return max(price for price, _ in values)
+
+
+def window_stats(steps: Sequence[PriceStep], *, until: datetime, days: float) -> WindowStats:
+    """Compute lowest, p10, median and p90 of the last `days` days before `until`."""
+    values = weighted_values(steps, since=until - timedelta(days=days), until=until)
+    return WindowStats(
+        days=days,
+        lowest=min((price for price, _ in values), default=None),
+        p10=weighted_percentile(values, 10),
+        median=weighted_percentile(values, 50),
+        p90=weighted_percentile(values, 90),
+        covered_hours=round(sum(seconds for _, seconds in values) / 3600, 2),
+    )
+
+
+async def load_report(
+    store: Store,
+    gpu_model: str,
+    *,
+    days: float,
+    until: datetime,
+    windows: Sequence[float] = DEFAULT_WINDOWS_DAYS,
+) -> PriceReport:
+    """Read the history of `gpu_model` and build its series and window statistics.
+
+    The series covers `days` days. Each window in `windows` up to `days` gets its
+    statistics, and `days` itself is added when it is not one of them.
+    """
+    since = until - timedelta(days=days)
+    points = await store.price_series_points(gpu_model, since=since, until=until)
+    steps = lowest_price_series(points, since=since, until=until)
+    spans = sorted({*(window for window in windows if window <= days), days})
+    stats = [window_stats(steps, until=until, days=span) for span in spans]
+    return PriceReport(gpu_model, since, until, steps, stats)
+
+
+async def price_percentile(
+    store: Store, gpu_model: str, *, percent: float, window: timedelta, until: datetime
+) -> float | None:
+    """Return the time-weighted percentile of the lowest GPU unit price over `window`."""
+    since = until - window
+    points = await store.price_series_points(gpu_model, since=since, until=until)
+    steps = lowest_price_series(points, since=since, until=until)
+    return weighted_percentile(weighted_values(steps, since=since, until=until), percent)
+
+
+async def show_prices(
+    database: str, gpu_model: str, *, days: float, as_json: bool, out: TextIO, now: datetime
+) -> int:
+    """Print the price report of `gpu_model` from the database; needs no API key."""
+    from tdbot.store.db import Store
+
+    store = await Store.open(database)
+    try:
+        report = await load_report(store, gpu_model, days=days, until=now)
+    finally:
+        await store.close()
+    if not report.steps:
+        sys.stderr.write(
+            f"error: no price history for GPU model {gpu_model!r} in the last {days:g} days; "
+            "the daemon stores prices while cheapest_hostnode rules run\n"
+        )
+        return 1
+    out.write((report_json(report) if as_json else format_text(report)) + "\n")
+    return 0
+
+
+async def with_price_percentiles(
+    rule: RuleBase, snapshot: MarketSnapshot, state: RuleState, store: Store, now: datetime
+) -> RuleState:
+    """Add the deal percentile of the best offer's GPU model to a rule's state.
+
+    Only cheapest-hostnode rules with `alert.deal_below_percentile` need it; other
+    rules get `state` back unchanged. The evaluation stays pure because the history
+    is read here, before it.
+    """
+    if not isinstance(rule, CheapestHostnodeRule) or rule.alert.deal_below_percentile is None:
+        return state
+    if snapshot.hostnodes is None:
+        return state
+    offers = ranked_offers(rule, snapshot)
+    if not offers:
+        return state
+
+    # NOTE: no minimum of stored history is required, so a percentile taken over the
+    # first hours of history describes only those hours.
+    gpu_model = offers[0].gpu_model
+    value = await price_percentile(
+        store,
+        gpu_model,
+        percent=rule.alert.deal_below_percentile,
+        window=rule.alert.deal_window,
+        until=now,
+    )
+    if value is None:
+        return state
+    return replace(state, price_percentiles={gpu_model: value})
+
+
+# --- rendering -----------------------------------------------------------------------
+
+
+def sample_series(
+    steps: Sequence[PriceStep], *, since: datetime, until: datetime, width: int = SPARK_WIDTH
+) -> list[float | None]:
+    """Split [since, until) into `width` equal slots and return each slot's lowest price.
+
+    The lowest rather than a sample at one instant, so a dip shorter than a slot
+    still shows. A slot without any available price is None.
+    """
+    slot = (until - since) / width
+    samples: list[float | None] = []
+    for column in range(width):
+        start = since + slot * column
+        values = weighted_values(steps, since=start, until=start + slot)
+        samples.append(min((price for price, _ in values), default=None))
+    return samples
+
+
+def sparkline(values: Sequence[float | None]) -> str:
+    """Draw values as block characters from ▁ (lowest) to █ (highest); gaps are spaces."""
+    present = [value for value in values if value is not None]
+    if not present:
+        return " " * len(values)
+    low, high = min(present), max(present)
+    top = len(SPARK_LEVELS) - 1
+    characters = []
+    for value in values:
+        if value is None:
+            characters.append(" ")
+        elif high == low:
+            characters.append(SPARK_LEVELS[0])
+        else:
+            characters.append(SPARK_LEVELS[round((value - low) / (high - low) * top)])
+    return "".join(characters)
+
+
+def format_text(report: PriceReport) -> str:
+    """Render the statistics table and a sparkline as plain text."""
+    lines = [
+        f"{report.gpu_model}: lowest available GPU unit price, USD per GPU-hour",
+        f"{'window':>8} {'lowest':>8} {'p10':>8} {'median':>8} {'p90':>8} {'hours':>8}",
+    ]
+    for stats in report.windows:
+        cells = [stats.lowest, stats.p10, stats.median, stats.p90]
+        lines.append(
+            f"{_days_label(stats.days):>8} "
+            + " ".join(f"{_usd(cell):>8}" for cell in cells)
+            + f" {stats.covered_hours:>8.1f}"
+        )
+    samples = sample_series(report.steps, since=report.since, until=report.until)
+    lines.append(
+        f"{_days_label((report.until - report.since) / timedelta(days=1))}: {sparkline(samples)}"
+    )
+    return "\n".join(lines)
+
+
+def report_json(report: PriceReport) -> str:
+    """Render the report as JSON, with times in ISO 8601 UTC."""
+    data: dict[str, Any] = {
+        "gpu_model": report.gpu_model,
+        "unit": "usd_per_gpu_hour",
+        "since": report.since.isoformat(),
+        "until": report.until.isoformat(),
+        "windows": [asdict(stats) for stats in report.windows],
+        "steps": [
+            {"start": step.start.isoformat(), "usd_per_gpu_hour": step.usd_per_gpu_hour}
+            for step in report.steps
+        ],
+    }
+    return json.dumps(data, indent=2)
+
+
+def render_png(report: PriceReport) -> bytes:
+    """Draw the series as a PNG chart; raises ImportError without the `charts` extra."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 3.5), dpi=100)
+    axes = figure.subplots()
+    day = timedelta(days=1)
+    times = [(step.start - report.until) / day for step in report.steps] + [0.0]
+    # NaN leaves a gap in the line where no hostnode offered the model.
+    prices = [
+        math.nan if step.usd_per_gpu_hour is None else step.usd_per_gpu_hour
+        for step in report.steps
+    ]
+    if prices:
+        # A step function keeps each value until the next change, hence "post".
+        axes.step(times, [*prices, prices[-1]], where="post")
+    axes.set_title(f"{report.gpu_model}: lowest available GPU unit price")
+    axes.set_ylabel("USD per GPU-hour")
+    axes.set_xlabel(f"days before {report.until:%Y-%m-%d %H:%M} UTC")
+    axes.set_xlim((report.since - report.until) / day, 0.0)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _days_label(days: float) -> str:
+    return f"{days:g}d"
+
+
+def _usd(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

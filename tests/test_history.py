@@ -1,0 +1,368 @@
+"""Price history: the lowest-price series, its statistics, `tdbot prices`, /prices,
+retention and the deal alert.
+
+Statistics are checked against values worked out by hand from a small history. The
+store is a real SQLite file, and /prices goes through the fake Bot API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from tdbot.cli import main
+from tdbot.daemon.runner import run_maintenance
+from tdbot.evaluation import evaluate
+from tdbot.evaluation.cheapest import SUBJECT_DEAL, ranked_offers
+from tdbot.evaluation.model import FireAlert, MarketSnapshot, ResolveAlert, RuleState
+from tdbot.history import (
+    PriceStep,
+    load_report,
+    lowest_price_series,
+    render_png,
+    sample_series,
+    sparkline,
+    weighted_percentile,
+    weighted_values,
+    with_price_percentiles,
+)
+from tdbot.rules.schema import CheapestHostnodeRule
+from tdbot.store.db import PricePoint, Store
+from tdbot.store.tables import PriceSnapshot
+from tdbot.tensordock.models import Hostnode
+from tests.test_bot import Chat, api, chat, market  # noqa: F401
+
+MODEL = "test-gpu-80gb"
+UNTIL = datetime(2026, 1, 31, tzinfo=UTC)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+HOUR = timedelta(hours=1)
+FIXTURES = Path(__file__).parent / "fixtures" / "tensordock-v0"
+GPU_4090 = "geforcertx4090-pcie-24gb"
+
+Row = tuple[float, str, float, bool]
+
+# (hours before the end, hostnode, USD per GPU-hour, available). The lowest available
+# price over the last day: 2.0 for 10 h, 1.0 for 2 h, 2.0 for 9 h, 3.0 for 3 h. The
+# week adds the day before it, 24 h at 2.0; nothing is stored before that.
+HISTORY: list[Row] = [
+    (48, "node-a", 2.0, True),
+    (14, "node-b", 1.0, True),
+    (12, "node-b", 1.0, False),
+    (3, "node-a", 3.0, True),
+]
+
+
+def price_points(rows: list[Row], end: datetime = UNTIL) -> list[PricePoint]:
+    return [
+        PricePoint(MODEL, end - hours * HOUR, node, price, available)
+        for hours, node, price, available in rows
+    ]
+
+
+async def add_rows(store: Store, rows: list[Row], end: datetime, model: str = MODEL) -> None:
+    async with AsyncSession(store.engine) as session:
+        for hours, node, price, available in rows:
+            session.add(
+                PriceSnapshot(
+                    taken_at=end - hours * HOUR,
+                    hostnode_id=node,
+                    gpu_model=model,
+                    usd_per_gpu_hour=price,
+                    available=available,
+                )
+            )
+        await session.commit()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> Any:
+    opened = await Store.open(tmp_path / "tdbot.db")
+    yield opened
+    await opened.close()
+
+
+# --- series and statistics ---------------------------------------------------------
+
+
+def test_series_steps_from_changes() -> None:
+    steps = lowest_price_series(price_points(HISTORY), since=UNTIL - 24 * HOUR, until=UNTIL)
+
+    assert steps == [
+        PriceStep(UNTIL - 24 * HOUR, 2.0),
+        PriceStep(UNTIL - 14 * HOUR, 1.0),
+        PriceStep(UNTIL - 12 * HOUR, 2.0),
+        PriceStep(UNTIL - 3 * HOUR, 3.0),
+    ]
+
+
+def test_series_gap_without_offers() -> None:
+    rows: list[Row] = [
+        (10, "node-a", 2.0, True),
+        (6, "node-a", 2.0, False),
+        (2, "node-a", 4.0, True),
+    ]
+    steps = lowest_price_series(price_points(rows), since=UNTIL - 24 * HOUR, until=UNTIL)
+    values = weighted_values(steps, since=UNTIL - 24 * HOUR, until=UNTIL)
+
+    assert steps[1] == PriceStep(UNTIL - 6 * HOUR, None)
+    assert values == [(2.0, 4 * 3600.0), (4.0, 2 * 3600.0)]
+
+
+def test_weighted_percentile_hand_values() -> None:
+    values = [(5.0, 1.0), (1.0, 1.0), (3.0, 2.0)]
+
+    assert weighted_percentile(values, 25) == 1.0
+    assert weighted_percentile(values, 50) == 3.0
+    assert weighted_percentile(values, 75) == 3.0
+    assert weighted_percentile(values, 90) == 5.0
+    assert weighted_percentile([], 50) is None
+
+
+async def test_report_windows_hand_values(store: Store) -> None:
+    await add_rows(store, HISTORY, UNTIL)
+
+    report = await load_report(store, MODEL, days=7, until=UNTIL)
+    day, week = report.windows
+
+    assert (day.days, day.lowest, day.p10, day.median, day.p90) == (1, 1.0, 2.0, 2.0, 3.0)
+    assert day.covered_hours == 24.0
+    assert (week.days, week.lowest, week.p10, week.median, week.p90) == (7, 1.0, 2.0, 2.0, 2.0)
+    assert week.covered_hours == 48.0
+
+
+async def test_report_uses_row_before_window(store: Store) -> None:
+    await add_rows(store, HISTORY, UNTIL)
+
+    report = await load_report(store, MODEL, days=1, until=UNTIL)
+
+    assert report.steps[0] == PriceStep(UNTIL - 24 * HOUR, 2.0)
+    assert [stats.days for stats in report.windows] == [1]
+
+
+def test_sparkline_shows_short_dip() -> None:
+    steps = lowest_price_series(price_points(HISTORY), since=UNTIL - 24 * HOUR, until=UNTIL)
+
+    samples = sample_series(steps, since=UNTIL - 24 * HOUR, until=UNTIL, width=4)
+
+    # Slots of 6 h: the 2 h dip to 1.0 lies in the second slot. The last slot's
+    # lowest price is the 2.0 before the rise to 3.0.
+    assert samples == [2.0, 1.0, 2.0, 2.0]
+
+
+def test_sparkline_levels_and_gaps() -> None:
+    assert sparkline([1.0, 2.0, None, 8.0]) == "▁▂ █"
+    assert sparkline([3.0, 3.0]) == "▁▁"
+    assert sparkline([None, None]) == "  "
+
+
+# --- command line ------------------------------------------------------------------
+
+
+async def fill_database(database: Path) -> None:
+    store = await Store.open(database)
+    await add_rows(store, HISTORY, datetime.now(UTC))
+    await store.close()
+
+
+def test_cli_prices_table_and_json(tmp_path: Path) -> None:
+    # A plain function, because the command runs its own event loop.
+    database = tmp_path / "tdbot.db"
+    config = tmp_path / "tdbot.toml"
+    config.write_text(f'[daemon]\ndatabase = "{database}"\n')
+    asyncio.run(fill_database(database))
+    runner = CliRunner()
+
+    table = runner.invoke(main, ["prices", MODEL, "--days", "7", "--config", str(config)])
+    as_json = runner.invoke(main, ["prices", MODEL, "--json", "--config", str(config)])
+    missing = runner.invoke(main, ["prices", "no-such-gpu", "--config", str(config)])
+
+    assert table.exit_code == 0, table.output
+    assert "median" in table.output
+    assert "7d" in table.output
+    assert "▁" in table.output
+    assert "█" in table.output
+    data = json.loads(as_json.output)
+    assert data["unit"] == "usd_per_gpu_hour"
+    assert [window["days"] for window in data["windows"]] == [1, 7, 30]
+    assert data["windows"][0]["lowest"] == 1.0
+    assert missing.exit_code == 1
+
+
+# --- chart and bot -----------------------------------------------------------------
+
+
+async def test_chart_is_png(store: Store) -> None:
+    await add_rows(store, HISTORY, UNTIL)
+    report = await load_report(store, MODEL, days=7, until=UNTIL)
+
+    assert render_png(report).startswith(PNG_SIGNATURE)
+
+
+async def test_chart_without_matplotlib(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    await add_rows(store, HISTORY, UNTIL)
+    report = await load_report(store, MODEL, days=7, until=UNTIL)
+    # None in sys.modules makes `import matplotlib` raise ImportError.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+    with pytest.raises(ImportError):
+        render_png(report)
+
+
+async def test_bot_prices_sends_photo(chat: Chat) -> None:  # noqa: F811
+    await add_rows(chat.daemon.store, HISTORY, chat.daemon.clock.now())
+
+    (reply,) = await chat.say(f"/prices {MODEL} 7")
+
+    assert reply.method == "sendPhoto"
+    assert reply.photo is not None
+    assert reply.photo.startswith(PNG_SIGNATURE)
+    assert "median" in (reply.caption or "")
+
+
+async def test_bot_prices_text_fallback(
+    chat: Chat,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await add_rows(chat.daemon.store, HISTORY, chat.daemon.clock.now())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+    (reply,) = await chat.say(f"/prices {MODEL} 7")
+
+    assert reply.method == "sendMessage"
+    assert "median" in (reply.text or "")
+    assert "█" in (reply.text or "")
+
+
+async def test_bot_prices_usage_errors(chat: Chat) -> None:  # noqa: F811
+    no_model = await chat.reply("/prices")
+    bad_days = await chat.reply(f"/prices {MODEL} soon")
+    no_history = await chat.reply("/prices no-such-gpu")
+
+    assert "Usage: /prices" in no_model
+    assert "DAYS must be a number" in bad_days
+    assert "No price history" in no_history
+
+
+# --- retention ---------------------------------------------------------------------
+
+
+async def test_prune_keeps_boundary_row(store: Store) -> None:
+    rows: list[Row] = [
+        (500 * 24, "node-a", 1.0, True),
+        (450 * 24, "node-a", 2.0, True),
+        (420 * 24, "node-a", 3.0, True),
+        (10 * 24, "node-a", 4.0, True),
+        (410 * 24, "node-b", 5.0, True),
+    ]
+    await add_rows(store, rows, UNTIL)
+    cut = UNTIL - timedelta(days=400)
+
+    removed = await store.prune_price_history(older_than=cut)
+    left = await store.price_history(MODEL, since=UNTIL - timedelta(days=1000))
+    report = await load_report(store, MODEL, days=400, until=UNTIL)
+
+    assert removed == 2
+    assert [(point.hostnode_id, point.usd_per_gpu_hour) for point in left] == [
+        ("node-a", 3.0),
+        ("node-b", 5.0),
+        ("node-a", 4.0),
+    ]
+    assert report.steps[0] == PriceStep(cut, 3.0)
+
+
+async def test_maintenance_prunes_old_prices(chat: Chat) -> None:  # noqa: F811
+    now = chat.daemon.clock.now()
+    rows: list[Row] = [(402 * 24, "node-a", 1.0, True), (401 * 24, "node-a", 2.0, True)]
+    await add_rows(chat.daemon.store, rows, now)
+
+    await run_maintenance(chat.daemon)
+    left = await chat.daemon.store.price_history(MODEL, since=now - timedelta(days=1000))
+
+    assert chat.daemon.settings.daemon.price_history_retention == 400
+    assert [point.usd_per_gpu_hour for point in left] == [2.0]
+
+
+# --- deal alert --------------------------------------------------------------------
+
+
+def fixture_snapshot() -> MarketSnapshot:
+    data = json.loads((FIXTURES / "marketplace.json").read_text())
+    hostnodes = {
+        key: Hostnode.model_validate({"id": key, **value})
+        for key, value in data["hostnodes"].items()
+    }
+    return MarketSnapshot(taken_at=UNTIL, hostnodes=hostnodes, vms=None, balance=None)
+
+
+def deal_rule() -> CheapestHostnodeRule:
+    return CheapestHostnodeRule.model_validate(
+        {
+            "name": "deal-4090",
+            "kind": "cheapest_hostnode",
+            "every": "10m",
+            "match": {"gpu": [GPU_4090], "vcpus": 8, "ram_gb": 32, "storage_gb": 200},
+            "alert": {"on_new_best": False, "deal_below_percentile": 10, "deal_window": "7d"},
+        }
+    )
+
+
+def best_unit_price(rule: CheapestHostnodeRule, snapshot: MarketSnapshot) -> float:
+    best = ranked_offers(rule, snapshot)[0]
+    return best.price.gpu_usd / best.sizing.gpu_count
+
+
+def deal_decisions(
+    percentile: float | None, open_alerts: frozenset[str] = frozenset()
+) -> list[Any]:
+    snapshot = fixture_snapshot()
+    percentiles = {} if percentile is None else {GPU_4090: percentile}
+    state = RuleState(open_alerts=open_alerts, price_percentiles=percentiles)
+    decisions = evaluate(deal_rule(), snapshot, state, UNTIL)
+    return [decision for decision in decisions if decision.subject == SUBJECT_DEAL]
+
+
+def test_deal_fires_under_percentile() -> None:
+    price = best_unit_price(deal_rule(), fixture_snapshot())
+
+    (decision,) = deal_decisions(price + 0.05)
+
+    assert isinstance(decision, FireAlert)
+    assert decision.evidence["percentile"] == 10
+
+
+def test_deal_quiet_at_percentile() -> None:
+    price = best_unit_price(deal_rule(), fixture_snapshot())
+
+    assert deal_decisions(price) == []
+    assert deal_decisions(None) == []
+
+
+def test_deal_resolves_above_percentile() -> None:
+    price = best_unit_price(deal_rule(), fixture_snapshot())
+
+    (decision,) = deal_decisions(price - 0.05, frozenset({SUBJECT_DEAL}))
+
+    assert isinstance(decision, ResolveAlert)
+
+
+async def test_deal_percentile_from_store(store: Store) -> None:
+    rule = deal_rule()
+    snapshot = fixture_snapshot()
+    price = best_unit_price(rule, snapshot)
+    # 24 h at price + 0.1, then 1 h at price + 0.2: p10 of the week is price + 0.1.
+    rows: list[Row] = [(25, "node-x", price + 0.1, True), (1, "node-x", price + 0.2, True)]
+    await add_rows(store, rows, UNTIL, model=GPU_4090)
+
+    state = await with_price_percentiles(rule, snapshot, RuleState(), store, UNTIL)
+    decisions = evaluate(rule, snapshot, state, UNTIL)
+
+    assert state.price_percentiles == {GPU_4090: pytest.approx(price + 0.1)}
+    assert [type(d) for d in decisions if d.subject == SUBJECT_DEAL] == [FireAlert]
