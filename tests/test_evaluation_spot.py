@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import pytest
 from tdbot.evaluation import evaluate
 from tdbot.evaluation.model import (
     Decision,
+    Deploy,
     FireAlert,
     LadderState,
     MarketSnapshot,
@@ -324,3 +325,123 @@ def test_ladder_below_vm_bid_uses_vm_bid() -> None:
     assert decision.previous_bid_usd_per_hour == 0.8
     assert decision.bid_usd_per_hour == 0.85
     assert decision.step == 2
+
+
+# --- start bid, step limit and redeploy ---------------------------------------------
+
+
+def redeploy_rule(cap: float = 50.0, **changes: Any) -> SpotRebidRule:
+    fields: dict[str, Any] = {
+        "name": "rebid",
+        "kind": "spot_rebid",
+        "every": "1m",
+        "bid": {"step_usd": 0.05, "max_usd_per_hour": 0.8},
+        "on_exhausted": "redeploy",
+        "redeploy_max_usd_per_hour": cap,
+    }
+    fields.update(changes)
+    return SpotRebidRule.model_validate(fields)
+
+
+def test_start_bid_above_vm_bid() -> None:
+    decision = only(evaluate(make_rule(start_usd_per_hour=0.92), SNAPSHOT, RuleState(), NOW))
+
+    assert isinstance(decision, Rebid)
+    assert decision.bid_usd_per_hour == 0.92
+    assert decision.step == 1
+
+
+def test_start_bid_below_vm_bid_steps() -> None:
+    decision = only(evaluate(make_rule(start_usd_per_hour=0.5), SNAPSHOT, RuleState(), NOW))
+
+    assert isinstance(decision, Rebid)
+    assert decision.bid_usd_per_hour == 0.85
+
+
+def test_start_bid_clamped_to_cap() -> None:
+    decision = only(evaluate(make_rule(start_usd_per_hour=3.0), SNAPSHOT, RuleState(), NOW))
+
+    assert isinstance(decision, Rebid)
+    assert decision.bid_usd_per_hour == 1.0
+
+
+def test_start_bid_only_first_step() -> None:
+    rule = make_rule(start_usd_per_hour=0.92)
+    state = RuleState(ladders={OUTBID_VM: LadderState(steps_taken=1, last_bid_usd=0.92)})
+
+    decision = only(evaluate(rule, SNAPSHOT, state, NOW))
+
+    assert isinstance(decision, Rebid)
+    assert decision.bid_usd_per_hour == 0.97
+
+
+def test_step_limit_waits_then_resumes() -> None:
+    rule = make_rule(max_steps_per_hour=2)
+    times = (NOW - timedelta(minutes=50), NOW - timedelta(minutes=10))
+    ladder = LadderState(steps_taken=2, last_bid_usd=0.9, step_times=times)
+    state = RuleState(ladders={OUTBID_VM: ladder})
+
+    assert evaluate(rule, SNAPSHOT, state, NOW) == []
+    later = evaluate(rule, SNAPSHOT, state, NOW + timedelta(minutes=10))
+    assert isinstance(only(later), Rebid)
+
+
+def test_rebid_summary_names_storage() -> None:
+    decision = only(evaluate(make_rule(), SNAPSHOT, RuleState(), NOW))
+
+    assert "storage still costs $0.0080/h" in decision.summary
+
+
+def test_redeploy_needs_price_cap() -> None:
+    with pytest.raises(ValueError, match="redeploy_max_usd_per_hour"):
+        SpotRebidRule.model_validate(
+            {
+                "name": "rebid",
+                "kind": "spot_rebid",
+                "every": "1m",
+                "bid": {"step_usd": 0.05, "max_usd_per_hour": 1.0},
+                "on_exhausted": "redeploy",
+            }
+        )
+
+
+def test_redeploy_after_exhausted_ladder() -> None:
+    decisions = evaluate(redeploy_rule(), SNAPSHOT, RuleState(), NOW)
+
+    alert, deploy = decisions
+    assert isinstance(alert, FireAlert)
+    assert "$0.0080/h" in alert.summary
+    assert isinstance(deploy, Deploy)
+    vm = SNAPSHOT.vms[OUTBID_VM]  # type: ignore[index]
+    assert deploy.vm_name == f"{vm.name}-redeploy"
+    assert deploy.replaces_vm_id == OUTBID_VM
+    assert deploy.gpu_count == vm.specs.gpu.amount
+    assert deploy.price_usd_per_hour <= 50.0
+    assert deploy.confirm is True
+
+
+def test_redeploy_only_once() -> None:
+    ladder = LadderState(steps_taken=1, last_bid_usd=0.8, exhausted=True, redeployed=True)
+
+    decision = only(
+        evaluate(redeploy_rule(), SNAPSHOT, RuleState(ladders={OUTBID_VM: ladder}), NOW)
+    )
+
+    assert isinstance(decision, FireAlert)
+    assert "already deployed" in decision.summary
+
+
+def test_redeploy_above_cap_alerts_only() -> None:
+    decision = only(evaluate(redeploy_rule(cap=0.01), SNAPSHOT, RuleState(), NOW))
+
+    assert isinstance(decision, FireAlert)
+    assert "No replacement was deployed" in decision.summary
+
+
+def test_redeploy_without_hostnodes_alerts_only() -> None:
+    snapshot = replace(SNAPSHOT, hostnodes=None)
+
+    decision = only(evaluate(redeploy_rule(), snapshot, RuleState(), NOW))
+
+    assert isinstance(decision, FireAlert)
+    assert "hostnode list failed to load" in decision.summary

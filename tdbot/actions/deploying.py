@@ -156,6 +156,7 @@ class DeployRunner:
             # and log-in is meant to go through the SSH key.
             password=secrets.token_urlsafe(24),
             ssh_public_key=decision.ssh_public_key,
+            cloudinit_script=decision.cloudinit_script,
         )
 
     async def _verify(self, decision: Deploy, entry: JournalEntry, vm_id: str) -> ActionOutcome:

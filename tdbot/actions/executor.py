@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -199,6 +199,8 @@ class ActionExecutor:
         action_id = await self.store.record_intent(rule.name, kind, subject, params)
         entry = JournalEntry(self.store, action_id)
         logger.info("rule %s: action %d: %s", rule.name, action_id, plan_text(decision))
+        if isinstance(decision, Deploy):
+            await self._save_redeploy(rule, decision, now)
         try:
             return await self._carry_out(rule, decision, entry, now)
         except Exception as error:
@@ -366,10 +368,31 @@ class ActionExecutor:
         state = await self.store.load_rule_state(rule.name)
         earlier = state.ladders.get(decision.subject)
         started_at = earlier.started_at if earlier is not None and earlier.started_at else now
+        # Step times older than an hour no longer count toward the per-hour limit.
+        recent = tuple(
+            moment
+            for moment in (earlier.step_times if earlier is not None else ())
+            if now - moment < timedelta(hours=1)
+        )
         ladder = LadderState(
-            steps_taken=decision.step, last_bid_usd=decision.bid_usd_per_hour, started_at=started_at
+            steps_taken=decision.step,
+            last_bid_usd=decision.bid_usd_per_hour,
+            started_at=started_at,
+            step_times=(*recent, now),
+            redeployed=earlier.redeployed if earlier is not None else False,
         )
         await self.store.save_ladder(rule.name, decision.subject, ladder)
+
+    async def _save_redeploy(self, rule: RuleBase, decision: Deploy, now: datetime) -> None:
+        # Stored before the deploy is sent, so the outbid episode gets one replacement
+        # even when the response is lost.
+        replaced = decision.replaces_vm_id
+        if replaced is None:
+            return
+        state = await self.store.load_rule_state(rule.name)
+        earlier = state.ladders.get(replaced) or LadderState(started_at=now)
+        ladder = replace(earlier, redeployed=True, exhausted=True)
+        await self.store.save_ladder(rule.name, replaced, ladder)
 
     # --- shared --------------------------------------------------------------------
 
@@ -448,6 +471,9 @@ def describe_action(decision: Stop | Rebid | Deploy) -> tuple[ActionKind, str, d
             "price_usd_per_hour": decision.price_usd_per_hour,
             "max_usd_per_hour": decision.max_usd_per_hour,
             "max_vms": decision.max_vms,
+            # The script may hold secrets, so the journal only says whether one was sent.
+            "cloudinit_script": decision.cloudinit_script is not None,
+            "replaces_vm_id": decision.replaces_vm_id,
         },
     )
 

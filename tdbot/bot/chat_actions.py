@@ -25,7 +25,8 @@ from tdbot.daemon.snapshot import ALL_PARTS, SnapshotProvider
 from tdbot.evaluation.burn import storage_cost, vm_hourly_cost
 from tdbot.evaluation.model import Decision, Deploy, MarketSnapshot, Stop
 from tdbot.evaluation.pricing import PRICE_DECIMALS, make_offer
-from tdbot.rules.schema import CheapestHostnodeRule, RuleBase
+from tdbot.evaluation.spot import redeploy_spec
+from tdbot.rules.schema import CheapestHostnodeRule, HostnodeSpec, RuleBase, SpotRebidRule
 from tdbot.store.db import Store
 from tdbot.store.tables import ActionKind, ConfirmationRecord
 from tdbot.tensordock.client import TensorDockClient
@@ -108,9 +109,12 @@ def ask_deploy(rule: RuleBase, decision: Deploy) -> Question:
         f"Deploy {decision.vm_name} on hostnode {decision.hostnode_id} "
         f"({usd_per_hour(decision.price_usd_per_hour)})"
     )
+    setting = (
+        "redeploy_confirm: true" if isinstance(rule, SpotRebidRule) else "deploy.confirm: true"
+    )
     lines = (
         decision.summary,
-        f"Rule {rule.name} asks first because its deploy section sets confirm: true. "
+        f"Rule {rule.name} asks first because it sets {setting}. "
         "The VM is billed from the moment it runs until it is stopped and released or deleted.",
     )
     params = dataclasses.asdict(decision)
@@ -190,11 +194,14 @@ class ChatActions:
 
     async def _deploy(self, record: ConfirmationRecord) -> str:
         rule = next((r for r in self._rules() if r.name == record.origin), None)
-        if not isinstance(rule, CheapestHostnodeRule) or rule.deploy is None:
-            return f"Nothing was done: rule {record.origin} no longer deploys."
+        if rule is None:
+            return f"Nothing was done: rule {record.origin} no longer exists."
         decision = _deploy_from_params(record.params)
         snapshot = await fresh_snapshot(self._client, self._clock, ALL_PARTS)
-        changed = _deploy_price_changed(rule, decision, snapshot)
+        spec = _deploy_spec(rule, decision, snapshot)
+        if isinstance(spec, str):
+            return f"Nothing was done: {spec}."
+        changed = _deploy_price_changed(spec, decision, snapshot)
         if changed is not None:
             return f"Nothing was done: {changed}. The rule asks again at its next tick."
         now = self._clock.now()
@@ -239,14 +246,30 @@ def _deploy_from_params(params: dict[str, Any]) -> Deploy:
     return Deploy(**values)
 
 
+def _deploy_spec(rule: RuleBase, decision: Deploy, snapshot: MarketSnapshot) -> HostnodeSpec | str:
+    """Return the spec the deploy must still fit, or why the rule no longer deploys it.
+
+    A cheapest-hostnode rule deploys its `match`; a spot rule's redeploy copies the
+    size of the outbid VM it replaces.
+    """
+    if isinstance(rule, CheapestHostnodeRule) and rule.deploy is not None:
+        return rule.match
+    if isinstance(rule, SpotRebidRule) and rule.on_exhausted == "redeploy":
+        replaced = (snapshot.vms or {}).get(decision.replaces_vm_id or "")
+        if replaced is None:
+            return f"the VM {decision.replaces_vm_id} it replaces is no longer listed"
+        return redeploy_spec(replaced) or f"VM {replaced.name} has no GPU size to copy"
+    return f"rule {rule.name} no longer deploys"
+
+
 def _deploy_price_changed(
-    rule: CheapestHostnodeRule, decision: Deploy, snapshot: MarketSnapshot
+    spec: HostnodeSpec, decision: Deploy, snapshot: MarketSnapshot
 ) -> str | None:
     """Say why the deploy no longer matches the question, or None when it still does."""
     hostnode = (snapshot.hostnodes or {}).get(decision.hostnode_id)
     if hostnode is None:
         return f"hostnode {decision.hostnode_id} is no longer listed"
-    offer = make_offer(hostnode, decision.gpu_model, rule.match)
+    offer = make_offer(hostnode, decision.gpu_model, spec)
     if offer is None:
         return f"hostnode {decision.hostnode_id} can no longer host the spec"
     if offer.price_usd_per_hour > round(decision.price_usd_per_hour, PRICE_DECIMALS):

@@ -58,6 +58,8 @@ def encode_ladder(ladder: LadderState) -> dict[str, Any]:
         "last_bid_usd": ladder.last_bid_usd,
         "started_at": encode_time(ladder.started_at) if ladder.started_at else None,
         "exhausted": ladder.exhausted,
+        "step_times": [encode_time(moment) for moment in ladder.step_times],
+        "redeployed": ladder.redeployed,
     }
 
 
@@ -67,6 +69,8 @@ def decode_ladder(value: dict[str, Any]) -> LadderState:
         last_bid_usd=value.get("last_bid_usd"),
         started_at=decode_optional_time(value.get("started_at")),
         exhausted=bool(value.get("exhausted", False)),
+        step_times=tuple(decode_time(moment) for moment in value.get("step_times", [])),
+        redeployed=bool(value.get("redeployed", False)),
     )
 
 
