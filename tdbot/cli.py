@@ -103,37 +103,53 @@ def rules_validate(path: Path) -> None:
 
 @main.command()
 @CONFIG_OPTION
+@click.argument("spec", required=False, default="")
 @click.option("--gpu", "gpus", multiple=True, help="GPU model id, for example h100-sxm5-80gb.")
-@click.option("--gpu-count", default=1, show_default=True, type=click.IntRange(1, 8))
-@click.option("--vcpus", default=8, show_default=True, type=click.IntRange(2))
-@click.option("--ram-gb", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--storage-gb", default=100, show_default=True, type=click.IntRange(20))
+@click.option("--gpu-count", type=click.IntRange(1, 8), help="GPUs per VM  [default: 1]")
+@click.option("--vcpus", type=click.IntRange(2), help="vCPUs per VM  [default: 8]")
+@click.option("--ram-gb", type=click.IntRange(1), help="RAM in GB  [default: 32]")
+@click.option("--storage-gb", type=click.IntRange(20), help="storage in GB  [default: 100]")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--sort",
+    type=click.Choice(["price", "gpu", "hostnode", "location", "ports", "uptime"]),
+    default="price",
+    show_default=True,
+    help="Column to sort by; uptime and ports sort highest first.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def hostnodes(
     config_path: Path | None,
+    spec: str,
     gpus: tuple[str, ...],
-    gpu_count: int,
-    vcpus: int,
-    ram_gb: int,
-    storage_gb: int,
+    gpu_count: int | None,
+    vcpus: int | None,
+    ram_gb: int | None,
+    storage_gb: int | None,
     limit: int,
+    sort: str,
     as_json: bool,
 ) -> None:
-    """List hostnodes able to host a deployment, cheapest full price first."""
+    """List hostnodes able to host a deployment, cheapest full price first.
+
+    SPEC is a search such as "gpu=4090 count>=2 price<0.8 country in [Canada]"; the
+    options replace the fields they set. docs/rules.md describes the language.
+    """
     import asyncio
 
     from tdbot.views import show_hostnodes
 
     settings, _ = _load(config_path)
-    spec = {
-        "gpu": list(gpus),
+    options = {
+        "gpu": list(gpus) or None,
         "gpu_count": gpu_count,
         "vcpus": vcpus,
         "ram_gb": ram_gb,
         "storage_gb": storage_gb,
     }
-    sys.exit(asyncio.run(show_hostnodes(settings, spec, limit, as_json, sys.stdout)))
+    overrides = {name: value for name, value in options.items() if value is not None}
+    result = show_hostnodes(settings, spec, overrides, limit, as_json, sys.stdout, sort)
+    sys.exit(asyncio.run(result))
 
 
 @main.command()
@@ -160,6 +176,41 @@ def balance(config_path: Path | None, as_json: bool) -> None:
 
     settings, secrets = _load(config_path)
     sys.exit(asyncio.run(show_balance(settings, secrets, as_json, sys.stdout)))
+
+
+@main.command()
+@CONFIG_OPTION
+@click.argument("gpu_model")
+@click.option(
+    "--days",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Days of history to show.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def prices(config_path: Path | None, gpu_model: str, days: float, as_json: bool) -> None:
+    """Show the lowest available price per GPU-hour of GPU_MODEL from stored history.
+
+    Reads the database in the configuration; no API key is needed.
+    """
+    import asyncio
+    from datetime import UTC, datetime
+
+    from tdbot.history import show_prices
+
+    settings, _ = _load(config_path)
+    code = asyncio.run(
+        show_prices(
+            settings.daemon.database,
+            gpu_model,
+            days=days,
+            as_json=as_json,
+            out=sys.stdout,
+            now=datetime.now(UTC),
+        )
+    )
+    sys.exit(code)
 
 
 @main.command("agent-token")

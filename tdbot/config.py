@@ -73,6 +73,14 @@ class DaemonSettings(Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     snapshot_max_age: Duration = timedelta(seconds=5)
     shutdown_timeout: Duration = timedelta(seconds=30)
+    # Whole days, because durations elsewhere stop at 366 days.
+    price_history_retention: Annotated[int, Field(ge=1)] = Field(
+        400,
+        description=(
+            "Days of price history to keep; older rows are deleted hourly, except the "
+            "last row of each hostnode and GPU model before the cut."
+        ),
+    )
 
 
 class HeartbeatSettings(Section):

@@ -33,10 +33,17 @@ from tdbot.config import (
 )
 from tdbot.daemon.runner import Daemon, open_daemon, run_daemon
 from tdbot.daemon.snapshot import ALL_PARTS
+from tdbot.demo import outbid
 from tdbot.evaluation.model import IdleSample
 from tdbot.notify.base import MAX_CALLBACK_DATA_BYTES
 from tdbot.notify.telegram import MESSAGE_LIMIT, TelegramNotifier
-from tdbot.rules.schema import CheapestHostnodeRule, IdleStopRule, LowBalanceRule, RuleBase
+from tdbot.rules.schema import (
+    CheapestHostnodeRule,
+    IdleStopRule,
+    LowBalanceRule,
+    RuleBase,
+    SpotRebidRule,
+)
 from tdbot.simulator.market import SimulatedMarket
 from tdbot.simulator.testing import (
     TEST_API_KEY,
@@ -638,10 +645,44 @@ async def test_deploy_awaiting_confirmation_asks(chat: Chat) -> None:
 
     assert [o.status.value for o in result.outcomes] == ["awaiting_confirmation"]
     assert question_text.startswith("⚠️ Deploy cheap-4090-1 on hostnode")
-    assert "deploy section sets confirm: true" in question_text
+    assert "sets deploy.confirm: true" in question_text
     assert len(chat.api.messages) == sent + 1
     assert outcome.startswith("ℹ️ Done:"), outcome
     assert len(chat.market.vms) == vms_before + 1
+
+
+async def test_spot_redeploy_confirmed_deploys(chat: Chat) -> None:
+    spot_vm = next(vm for vm in chat.market.vms.values() if vm.is_spot)
+    outbid(chat.market, spot_vm)
+    rule = SpotRebidRule.model_validate(
+        {
+            "name": "spot-redeploy",
+            "kind": "spot_rebid",
+            "every": "1m",
+            # A cap at the current bid leaves no step, so the ladder is exhausted at once.
+            "bid": {"step_usd": 0.03, "max_usd_per_hour": spot_vm.compute_price},
+            "on_exhausted": "redeploy",
+            "redeploy_max_usd_per_hour": 5.0,
+        }
+    )
+    chat.daemon.rules.append(rule)
+    chat.daemon.snapshots.parts = ALL_PARTS
+    result = await chat.daemon.engine.run_rule(rule)
+    sent = len(chat.api.messages)
+    await chat.bot.on_tick(rule, result)
+    question_text = await chat.next_message(sent)
+    question = chat.api.messages[sent]
+    vms_before = len(chat.market.vms)
+
+    sent = len(chat.api.messages)
+    await chat.press(question, "Confirm")
+    outcome = await chat.next_message(sent)
+
+    assert "sets redeploy_confirm: true" in question_text
+    assert outcome.startswith("ℹ️ Done:"), outcome
+    assert len(chat.market.vms) == vms_before + 1
+    names = {vm.name for vm in chat.market.vms.values()}
+    assert f"{spot_vm.name}-redeploy" in names
 
 
 # --- allowlist -------------------------------------------------------------------------

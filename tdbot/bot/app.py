@@ -46,7 +46,15 @@ from tdbot.alerts.messages import is_keep_callback
 from tdbot.bot.access import REJECTION_TEXT, Allowlist
 from tdbot.bot.arguments import UsageError
 from tdbot.bot.chat_actions import ChatActions, ask_deploy, deploy_decisions_awaiting
-from tdbot.bot.commands import COMMANDS, SPECS, CommandRequest, Commands, TickLog, usage_message
+from tdbot.bot.commands import (
+    COMMANDS,
+    SPECS,
+    CommandRequest,
+    Commands,
+    Photo,
+    TickLog,
+    usage_message,
+)
 from tdbot.bot.confirmations import (
     Answer,
     Confirmations,
@@ -74,7 +82,7 @@ DEFAULT_POLL_TIMEOUT_SECONDS = 10
 FLOOD_RETRIES = 2
 ERROR_REPLY = "Sorry, that failed ({error}). The details are in the daemon log."
 
-CommandMethod = Callable[[CommandRequest], Awaitable[Message]]
+CommandMethod = Callable[[CommandRequest], Awaitable[Message | Photo]]
 BotApplication = Application[Any, ContextTypes.DEFAULT_TYPE, Any, Any, Any, Any]
 
 
@@ -232,7 +240,10 @@ class ChatBot:
                 reply = await method(request)
             except UsageError as problem:
                 reply = usage_message(spec, str(problem))
-            await self.send(request.chat_id, reply)
+            if isinstance(reply, Photo):
+                await self._bot().send_photo(request.chat_id, reply.png, caption=reply.caption)
+            else:
+                await self.send(request.chat_id, reply)
 
         return handle
 

@@ -7,28 +7,18 @@ argument; the command then replies with its usage line and that sentence.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
-from typing import Any
 
 from pydantic import ValidationError
 
 from tdbot.rules.schema import HostnodeSpec, parse_duration
+from tdbot.spec import FIELDS, SpecError, check_gpu_names, parse_terms, spec_fields
 from tdbot.tensordock.models import VirtualMachine
 
 # A VM id prefix shorter than this is too likely to match a name by accident.
 MIN_ID_PREFIX = 6
 
-# Keys of the /cheapest spec and the HostnodeSpec field each sets.
-SPEC_KEYS: dict[str, str] = {
-    "gpu": "gpu",
-    "count": "gpu_count",
-    "vcpus": "vcpus",
-    "ram": "ram_gb",
-    "storage": "storage_gb",
-    "country": "countries",
-}
-LIST_KEYS = {"gpu", "country"}
 DEFAULT_TOP = 5
 MAX_TOP = 20
 
@@ -73,33 +63,34 @@ def split_arguments(text: str) -> list[str]:
         raise UsageError(f"the arguments cannot be split: {error}") from None
 
 
-def parse_hostnode_spec(arguments: Sequence[str]) -> tuple[HostnodeSpec, int]:
-    """Parse key=value arguments into a hostnode spec and the number of offers to show.
+def parse_hostnode_spec(text: str) -> tuple[HostnodeSpec, int]:
+    """Parse a spec such as "gpu=4090 count>=2 price<0.8 top=3" and the number of offers.
 
-    Keys: gpu=MODEL[,MODEL] (required), count, vcpus, ram (GB), storage (GB),
-    country=NAME[,NAME] and top. Unset fields take HostnodeSpec's defaults.
+    The terms are those of `tdbot.spec` plus top=N. GPU names are not checked here; use
+    `check_gpu_names_offered` once the hostnode list is loaded.
     """
-    fields: dict[str, Any] = {}
-    top = DEFAULT_TOP
-    for argument in arguments:
-        key, separator, value = argument.partition("=")
-        key = key.strip().lower()
-        if not separator or not value.strip():
-            raise UsageError(f"{argument!r} is not key=value, such as gpu=geforcertx4090-pcie-24gb")
-        if key == "top":
-            top = _parse_top(value)
-            continue
-        if key not in SPEC_KEYS:
-            valid = ", ".join([*SPEC_KEYS, "top"])
-            raise UsageError(f"unknown key {key!r}; valid keys: {valid}")
-        fields[SPEC_KEYS[key]] = _split_list(value) if key in LIST_KEYS else value.strip()
+    try:
+        terms = parse_terms(text, [*FIELDS, "top"])
+        top_terms = [term for term in terms if term.field == "top"]
+        fields = spec_fields([term for term in terms if term.field != "top"])
+    except SpecError as error:
+        raise UsageError(str(error)) from None
 
+    top = _parse_top(top_terms[-1].values[0]) if top_terms else DEFAULT_TOP
     if "gpu" not in fields:
-        raise UsageError("gpu= is required, such as gpu=geforcertx4090-pcie-24gb")
+        raise UsageError("gpu= is required, such as gpu=4090 or gpu=geforcertx4090-pcie-24gb")
     try:
         return HostnodeSpec.model_validate(fields), top
     except ValidationError as error:
         raise UsageError(_describe_spec_error(error)) from None
+
+
+def check_gpu_names_offered(text: str, models: Iterable[str]) -> None:
+    """Raise UsageError when a GPU name in the spec matches none of the offered model ids."""
+    try:
+        check_gpu_names(parse_terms(text, [*FIELDS, "top"]), models)
+    except SpecError as error:
+        raise UsageError(str(error)) from None
 
 
 def _parse_top(value: str) -> int:
@@ -108,12 +99,24 @@ def _parse_top(value: str) -> int:
     return int(value)
 
 
-def _split_list(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
+# The spec key that sets each HostnodeSpec field, so errors name what the user typed.
+_SPEC_KEYS = {
+    "gpu": "gpu",
+    "gpu_count": "count",
+    "vcpus": "vcpus",
+    "ram_gb": "ram",
+    "storage_gb": "storage",
+    "countries": "country",
+    "cities": "city",
+    "max_usd_per_hour": "price",
+    "min_uptime_percent": "uptime",
+    "min_vram_gb": "vram",
+    "max_vram_gb": "vram",
+}
 
 
 def _describe_spec_error(error: ValidationError) -> str:
-    keys = {field_name: key for key, field_name in SPEC_KEYS.items()}
+    keys = _SPEC_KEYS
     problems = []
     for problem in error.errors():
         field_name = str(problem["loc"][0]) if problem["loc"] else "spec"

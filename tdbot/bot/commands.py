@@ -12,14 +12,15 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from tdbot import history
 from tdbot.alerts import silence
 from tdbot.bot.access import Allowlist
 from tdbot.bot.arguments import (
     UsageError,
+    check_gpu_names_offered,
     find_vm,
     parse_duration_argument,
     parse_hostnode_spec,
-    split_arguments,
 )
 from tdbot.bot.chat_actions import (
     CHAT_RULE,
@@ -62,6 +63,11 @@ STATUS_API_TIMEOUT_SECONDS = 15.0
 # Decisions read back to find the one behind an action; far more than a rule makes at once.
 WHY_DECISION_LOOKBACK = 500
 RELEASE_FLAG = "--release"
+# /prices shows this many days without DAYS, and at most the default retention.
+PRICES_DEFAULT_DAYS = 30.0
+PRICES_MAX_DAYS = 400.0
+# Telegram's limit on a photo caption, in characters.
+PHOTO_CAPTION_LIMIT = 1024
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("balance", "", "balance, burn rate and runway"),
     CommandSpec(
         "cheapest",
-        "gpu=MODEL[,MODEL] [count=N] [vcpus=N] [ram=GB] [storage=GB] [country=NAME] [top=N]",
+        "gpu=MODEL[,MODEL] [count=N] [vcpus=N] [ram=GB] [storage=GB] [price<USD] "
+        "[country=NAME] [top=N]",
         "cheapest hostnodes for a spec",
     ),
     CommandSpec("rules", "", "rules with schedule and pause state"),
@@ -95,10 +102,19 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("silence", "ALERT DURATION", "silence an alert (DURATION or 'resolved')"),
     CommandSpec("unsilence", "ALERT", "lift an alert's silence"),
     CommandSpec("why", "ACTION_ID", "a journal entry and the decision behind it"),
+    CommandSpec("prices", "GPU_MODEL [DAYS]", "price history of a GPU model, 30 days by default"),
     CommandSpec("start_vm", "NAME_OR_ID", "start a stopped VM, after a confirmation"),
     CommandSpec("stop_vm", "NAME_OR_ID [--release]", "stop a VM, after a confirmation"),
 )
 SPECS = {spec.name: spec for spec in COMMANDS}
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A picture reply: PNG bytes and a plain-text caption."""
+
+    png: bytes
+    caption: str
 
 
 @dataclass(frozen=True)
@@ -236,19 +252,35 @@ class Commands:
         return balance_message(snapshot.balance, snapshot, self._now())
 
     async def cheapest(self, request: CommandRequest) -> Message:
-        arguments = split_arguments(request.text)
-        if not arguments:
-            raise UsageError("give a spec, such as gpu=geforcertx4090-pcie-24gb count=1")
-        spec, top = parse_hostnode_spec(arguments)
+        if not request.text.strip():
+            raise UsageError("give a spec, such as gpu=4090 count=1 price<0.8")
+        spec, top = parse_hostnode_spec(request.text)
         snapshot = await self._snapshot(frozenset({"hostnodes"}))
         if snapshot.hostnodes is None:
             return _load_failed(snapshot, "hostnodes", "hostnode list")
+        offered = {model for node in snapshot.hostnodes.values() for model in node.specs.gpu}
+        check_gpu_names_offered(request.text, offered)
         offers = rank_hostnodes(snapshot.hostnodes, spec)[:top]
         rejections = {} if offers else count_rejections(snapshot.hostnodes, spec)
         return cheapest_message(spec, offers, rejections)
 
     async def _snapshot(self, parts: frozenset[str]) -> MarketSnapshot:
         return await fresh_snapshot(self._daemon.client, self._daemon.clock, parts)
+
+    async def prices(self, request: CommandRequest) -> Message | Photo:
+        """Reply with a chart of the price history, or text without the `charts` extra."""
+        gpu_model, days = _prices_arguments(request)
+        report = await history.load_report(
+            self._daemon.store, gpu_model, days=days, until=self._now()
+        )
+        if not report.steps:
+            return error_message(f"No price history for {gpu_model} in the last {days:g} days.")
+        text = history.format_text(report)
+        try:
+            png = history.render_png(report)
+        except ImportError:
+            return Message(title=f"Prices of {gpu_model}", lines=tuple(text.splitlines()))
+        return Photo(png=png, caption=text[:PHOTO_CAPTION_LIMIT])
 
     # --- rules -------------------------------------------------------------------------
 
@@ -412,6 +444,21 @@ class Commands:
             record.id,
         )
         return self._confirmations.question_message(record)
+
+
+def _prices_arguments(request: CommandRequest) -> tuple[str, float]:
+    words = request.words
+    if not words or len(words) > 2:
+        raise UsageError("give a GPU model, such as geforcertx4090-pcie-24gb, and optional days")
+    if len(words) == 1:
+        return words[0], PRICES_DEFAULT_DAYS
+    try:
+        days = float(words[1])
+    except ValueError:
+        raise UsageError(f"DAYS must be a number, not {words[1]!r}") from None
+    if not 0 < days <= PRICES_MAX_DAYS:
+        raise UsageError(f"DAYS must be over 0 and at most {PRICES_MAX_DAYS:g}, not {days:g}")
+    return words[0], days
 
 
 def _no_arguments(request: CommandRequest, name: str) -> None:

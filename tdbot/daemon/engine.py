@@ -23,6 +23,7 @@ from tdbot.daemon.snapshot import SnapshotProvider
 from tdbot.daemon.state_updates import apply_state_updates, outcome_alerts
 from tdbot.evaluation import evaluate
 from tdbot.evaluation.model import Decision, MarketSnapshot
+from tdbot.history import with_price_percentiles
 from tdbot.probes.hook import ProbeHook
 from tdbot.rules.schema import IdleStopRule, LowBalanceRule, RuleBase
 from tdbot.store.db import Store
@@ -155,6 +156,7 @@ class RuleEngine:
             probe_alerts = await self._probes.before_evaluation(rule, snapshot, self._store, now)
             lookback = rule.window if isinstance(rule, IdleStopRule) else None
             state = await self._store.load_rule_state(rule.name, idle_lookback=lookback, now=now)
+            state = await with_price_percentiles(rule, snapshot, state, self._store, now)
             result.decisions = [*probe_alerts, *evaluate(rule, snapshot, state, now)]
 
             # 2. Act within the guards, then remember what changed.

@@ -278,9 +278,9 @@ def _reload_rules(
 
 
 def schedule_maintenance(scheduler: AsyncIOScheduler, daemon: Daemon) -> None:
-    """Run `prune_samples` every hour and `recheck_open_actions` every minute."""
+    """Run `run_maintenance` every hour and `recheck_open_actions` every minute."""
     jobs = (
-        (prune_samples, timedelta(hours=1), "maintenance"),
+        (run_maintenance, timedelta(hours=1), "maintenance"),
         (recheck_open_actions, timedelta(minutes=1), "recheck-actions"),
     )
     for function, every, job_id in jobs:
@@ -302,6 +302,20 @@ async def recheck_open_actions(daemon: Daemon) -> list[str]:
     for line in lines:
         logger.info("open action rechecked: %s", line)
     return lines
+
+
+async def run_maintenance(daemon: Daemon) -> None:
+    """Delete idle samples and price history past their retention."""
+    await prune_samples(daemon)
+    await prune_prices(daemon)
+
+
+async def prune_prices(daemon: Daemon) -> int:
+    """Delete price history older than `daemon.price_history_retention`."""
+    keep = timedelta(days=daemon.settings.daemon.price_history_retention)
+    removed = await daemon.store.prune_price_history(older_than=daemon.clock.now() - keep)
+    logger.info("maintenance: removed %d price rows older than %s", removed, keep)
+    return removed
 
 
 async def prune_samples(daemon: Daemon) -> int:

@@ -7,6 +7,10 @@ Alert subjects of this rule kind:
 - "new-best": the best price dropped below the lowest one stored for the rule
   (`RuleState.best_price_usd`, which the caller updates from the evidence). It resolves
   when the best price rises above that stored low again, so the next drop fires anew.
+- "deal": the best offer's GPU unit price (USD per GPU-hour, not the full price) is
+  under `alert.deal_below_percentile` of its GPU model's stored price history, which
+  the caller passes in `RuleState.price_percentiles`. It resolves when the unit price
+  is at or above that percentile again. Without a stored percentile nothing is decided.
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ from tdbot.evaluation.pricing import (
     count_rejections,
     rank_hostnodes,
 )
-from tdbot.rules.schema import CheapestHostnodeRule, DeployPolicy
+from tdbot.rules.schema import CheapestHostnodeRule, DeployPolicy, format_duration
 from tdbot.tensordock.models import VirtualMachine
 
 SUBJECT_BEST = "best"
 SUBJECT_NEW_BEST = "new-best"
 SUBJECT_MARKET = "market"
 SUBJECT_DEPLOY = "deploy"
+SUBJECT_DEAL = "deal"
 
 
 def evaluate_cheapest(
@@ -64,6 +69,7 @@ def evaluate_cheapest(
     decisions: list[Decision] = []
     decisions.extend(_threshold_alert(rule, state, offers))
     decisions.extend(_new_best_alert(rule, state, offers))
+    decisions.extend(_deal_alert(rule, state, offers))
     decisions.extend(_deploy(rule, snapshot, state, best))
     return decisions
 
@@ -217,6 +223,50 @@ def _new_best_alert(
     return []
 
 
+def _deal_alert(
+    rule: CheapestHostnodeRule, state: RuleState, offers: list[Offer]
+) -> list[Decision]:
+    percent = rule.alert.deal_below_percentile
+    best = offers[0]
+    percentile = state.price_percentiles.get(best.gpu_model)
+    if percent is None or percentile is None:
+        return []
+
+    unit_price = round(best.price.gpu_usd / best.sizing.gpu_count, PRICE_DECIMALS)
+    evidence = _offer_evidence(rule, offers) | {
+        "gpu_usd_per_gpu_hour": unit_price,
+        "percentile": percent,
+        "percentile_usd_per_gpu_hour": percentile,
+    }
+    if unit_price < percentile:
+        return [
+            FireAlert(
+                rule=rule.name,
+                subject=SUBJECT_DEAL,
+                severity=Severity.INFO,
+                summary=(
+                    f"Deal on {best.gpu_model}: ${unit_price:.4f} per GPU-hour on "
+                    f"{best.hostnode_id} ({best.location}), under the p{percent:g} of "
+                    f"${percentile:.4f} over the last {format_duration(rule.alert.deal_window)}."
+                ),
+                evidence=evidence,
+            )
+        ]
+    if SUBJECT_DEAL in state.open_alerts:
+        return [
+            ResolveAlert(
+                rule=rule.name,
+                subject=SUBJECT_DEAL,
+                summary=(
+                    f"{best.gpu_model} costs ${unit_price:.4f} per GPU-hour, no longer under "
+                    f"the p{percent:g} of ${percentile:.4f}."
+                ),
+                evidence=evidence,
+            )
+        ]
+    return []
+
+
 def _deploy(
     rule: CheapestHostnodeRule, snapshot: MarketSnapshot, state: RuleState, best: Offer
 ) -> list[Decision]:
@@ -299,6 +349,7 @@ def _make_deploy(
         operating_system=policy.operating_system,
         internal_ports=tuple(policy.internal_ports),
         ssh_public_key=policy.ssh_public_key,
+        cloudinit_script=policy.cloudinit_script,
         max_usd_per_hour=policy.max_usd_per_hour,
         max_vms=policy.max_vms,
         confirm=policy.confirm,

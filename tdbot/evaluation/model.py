@@ -60,6 +60,10 @@ class LadderState:
     last_bid_usd: float | None = None
     started_at: datetime | None = None
     exhausted: bool = False
+    # When each step was sent, oldest first, for the per-hour step limit.
+    step_times: tuple[datetime, ...] = ()
+    # Whether a replacement VM was deployed in this outbid episode; at most one is.
+    redeployed: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,9 @@ class RuleState:
     running_since: dict[str, datetime] = field(default_factory=dict)
     # Live VMs that this rule deployed, for the per-rule VM count cap.
     deployed_vm_ids: frozenset[str] = frozenset()
+    # GPU model -> USD per GPU-hour at the rule's `alert.deal_below_percentile` of the
+    # stored price history; filled only for cheapest-hostnode rules with a deal alert.
+    price_percentiles: dict[str, float] = field(default_factory=dict)
 
 
 # --- outputs ---------------------------------------------------------------------
@@ -150,6 +157,9 @@ class Deploy(Decision):
     max_usd_per_hour: float = 0.0
     max_vms: int = 1
     confirm: bool = True
+    cloudinit_script: str | None = field(default=None, repr=False)
+    # The outbid spot VM this deploy replaces, if any; its ladder records the redeploy.
+    replaces_vm_id: str | None = None
 
     @property
     def spends_or_destroys(self) -> bool:

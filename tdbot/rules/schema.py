@@ -203,14 +203,36 @@ class RuleBase(Strict):
 class HostnodeSpec(Strict):
     """The deployment a cheapest-hostnode rule prices on every hostnode."""
 
-    gpu: list[str] = Field(min_length=1, description="GPU model ids, any of which will do")
+    gpu: list[str] = Field(
+        min_length=1,
+        description="GPU model ids or names such as '4090' or 'a100-80gb', any of which will do",
+    )
+    exclude_gpu: list[str] = Field(default_factory=list, description="GPU names to skip")
     gpu_count: int = Field(default=1, ge=1, le=8)
+    min_vram_gb: int | None = Field(default=None, ge=1)
+    max_vram_gb: int | None = Field(default=None, ge=1)
     vcpus: int = Field(default=8, ge=2, description="rounded up to an even number on deploy")
     ram_gb: int = Field(default=32, ge=1)
     storage_gb: int = Field(default=100, ge=20)
+    max_usd_per_hour: Usd | None = Field(
+        default=None, description="skip offers whose full hourly price is higher"
+    )
     countries: list[str] = Field(default_factory=list)
+    exclude_countries: list[str] = Field(default_factory=list)
     cities: list[str] = Field(default_factory=list)
+    exclude_cities: list[str] = Field(default_factory=list)
     min_uptime_percent: Percent = 0.0
+    spot: bool = Field(default=False, description="the deployment would be a spot VM")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_string(cls, value: Any) -> Any:
+        # A string is the one-line form, such as "gpu=4090 count=1 vcpus=8 ram>=32".
+        if not isinstance(value, str):
+            return value
+        from tdbot.spec import parse_spec_fields
+
+        return parse_spec_fields(value)
 
 
 class PriceAlert(Strict):
@@ -218,6 +240,16 @@ class PriceAlert(Strict):
         default=None, description="alert when the best full price is under this"
     )
     on_new_best: bool = Field(default=True, description="alert when the best price drops")
+    deal_below_percentile: Percent | None = Field(
+        default=None,
+        description=(
+            "alert when the best offer's GPU unit price is under this percentile of the "
+            "stored lowest-price history of its GPU model over deal_window"
+        ),
+    )
+    deal_window: Duration = Field(
+        default=timedelta(days=7), description="history the deal percentile is taken over"
+    )
 
 
 class DeployPolicy(Strict):
@@ -233,6 +265,9 @@ class DeployPolicy(Strict):
         default_factory=lambda: [22]
     )
     confirm: bool = Field(default=True, description="ask in Telegram before deploying")
+    cloudinit_script: str | None = Field(
+        default=None, description="cloud-init script run on the VM's first boot"
+    )
 
 
 class CheapestHostnodeRule(RuleBase):
@@ -253,6 +288,12 @@ class BidLadder(Strict):
     step_percent: Annotated[float, Field(gt=0, le=100)] | None = None
     max_usd_per_hour: Usd = Field(description="highest bid this rule ever places for one VM")
     max_steps: int = Field(default=5, ge=1, le=50, description="steps before giving up")
+    start_usd_per_hour: Usd | None = Field(
+        default=None, description="first bid of a ladder, never below the VM's current bid"
+    )
+    max_steps_per_hour: int | None = Field(
+        default=None, ge=1, le=60, description="steps at most in any one hour"
+    )
 
     @model_validator(mode="after")
     def _one_step(self) -> BidLadder:
@@ -265,9 +306,21 @@ class SpotRebidRule(RuleBase):
     kind: Literal["spot_rebid"]
     select: VmSelector = Field(default_factory=VmSelector)
     bid: BidLadder
-    on_exhausted: Literal["alert"] = Field(
+    on_exhausted: Literal["alert", "redeploy"] = Field(
         default="alert", description="what to do once every step failed"
     )
+    redeploy_max_usd_per_hour: Usd | None = Field(
+        default=None, description="price cap of the replacement VM, compute plus storage"
+    )
+    redeploy_confirm: bool = Field(
+        default=True, description="ask in Telegram before deploying the replacement"
+    )
+
+    @model_validator(mode="after")
+    def _redeploy_cap(self) -> SpotRebidRule:
+        if self.on_exhausted == "redeploy" and self.redeploy_max_usd_per_hour is None:
+            raise ValueError("on_exhausted 'redeploy' needs 'redeploy_max_usd_per_hour'")
+        return self
 
 
 # --- idle stop -------------------------------------------------------------------

@@ -902,6 +902,59 @@ class Store:
 
     # --- end of idle warning buttons ---------------------------------------------
 
+    # --- price history (tdbot.history) -------------------------------------------
+
+    async def price_series_points(
+        self, gpu_model: str, *, since: datetime, until: datetime | None = None
+    ) -> list[PricePoint]:
+        """Price changes of one GPU model from `since`, led by each hostnode's last earlier row.
+
+        The leading rows give the price each hostnode had at `since`, so a series
+        rebuilt from the result is correct from its first instant. Oldest first.
+        """
+        latest_before = (
+            select(func.max(PriceSnapshot.id))
+            .where(PriceSnapshot.gpu_model == gpu_model, PriceSnapshot.taken_at < since)
+            .group_by(col(PriceSnapshot.hostnode_id))
+        )
+        query = (
+            select(
+                PriceSnapshot.taken_at,
+                PriceSnapshot.hostnode_id,
+                PriceSnapshot.usd_per_gpu_hour,
+                PriceSnapshot.available,
+            )
+            .where(col(PriceSnapshot.id).in_(latest_before))
+            .order_by(col(PriceSnapshot.taken_at))
+        )
+        async with self._sessions() as session:
+            leading = (await session.exec(query)).all()
+        points = [PricePoint(gpu_model, *row) for row in leading]
+        return points + await self.price_history(gpu_model, since=since, until=until)
+
+    async def prune_price_history(self, *, older_than: datetime) -> int:
+        """Delete price rows taken before `older_than`, except the last one of each pair.
+
+        The last row before the cut of each (hostnode, GPU model) pair is the price
+        that pair had at the cut, so series that start there stay correct. The latest
+        row of a pair is never deleted, so the in-memory latest prices stay valid.
+        Returns how many rows were deleted.
+        """
+        keep = (
+            select(func.max(PriceSnapshot.id))
+            .where(col(PriceSnapshot.taken_at) < older_than)
+            .group_by(col(PriceSnapshot.hostnode_id), col(PriceSnapshot.gpu_model))
+        )
+        statement = delete(PriceSnapshot).where(
+            col(PriceSnapshot.taken_at) < older_than, col(PriceSnapshot.id).not_in(keep)
+        )
+        async with self._sessions() as session:
+            result = await session.exec(statement)
+            await session.commit()
+            return int(result.rowcount or 0)
+
+    # --- end of price history ----------------------------------------------------
+
 
 # --- helpers -------------------------------------------------------------------------
 
