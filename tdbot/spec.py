@@ -18,7 +18,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
@@ -329,6 +329,9 @@ def gpu_vram_gb(model: str) -> int | None:
     return int(match.group(2)) if match else None
 
 
+# Ranking asks this for every GPU of every hostnode and each name of a spec, while
+# there are only a few dozen distinct model ids, so the answers are cached.
+@lru_cache(maxsize=4096)
 def gpu_matches(name: str, model: str) -> bool:
     """Whether a GPU name such as "4090" or "a100-80gb" matches a model id.
 

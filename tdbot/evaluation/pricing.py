@@ -306,14 +306,28 @@ def rank_hostnodes(
     Ties in price are broken by uptime (highest first, unknown last), then hostnode id,
     then GPU model, so the order is stable from tick to tick.
     """
+    # Location and uptime are checked once per hostnode, before its GPU models are
+    # matched and priced, because most hostnodes of a large market fail them.
     offers = [
         offer
         for hostnode in _hostnode_values(hostnodes)
-        for gpu_model in _hostnode_models(hostnode, spec)
-        if (offer := make_offer(hostnode, gpu_model, spec, ports_needed)) is not None
+        if location_matches(hostnode, spec) and uptime_passes(hostnode, spec)
+        for gpu_model in _offered_models(hostnode, spec)
+        if (offer := _priced_offer(hostnode, gpu_model, spec, ports_needed)) is not None
     ]
     offers.sort(key=_rank_key)
     return offers
+
+
+def _offered_models(hostnode: Hostnode, spec: HostnodeSpec) -> list[str]:
+    """Return the hostnode's GPU models that any GPU name of the spec asks for."""
+    return [
+        model
+        for model in hostnode.specs.gpu
+        if any(gpu_matches(name, model) for name in spec.gpu)
+        and not any(gpu_matches(excluded, model) for excluded in spec.exclude_gpu)
+        and _vram_passes(model, spec)
+    ]
 
 
 def _hostnode_models(hostnode: Hostnode, spec: HostnodeSpec) -> list[str]:
@@ -335,6 +349,12 @@ def make_offer(
     """Build the offer of one (hostnode, GPU model) pair, or None when it is filtered out."""
     if not location_matches(hostnode, spec) or not uptime_passes(hostnode, spec):
         return None
+    return _priced_offer(hostnode, gpu_model, spec, ports_needed)
+
+
+def _priced_offer(
+    hostnode: Hostnode, gpu_model: str, spec: HostnodeSpec, ports_needed: int
+) -> Offer | None:
     sizing = size_deployment(hostnode, gpu_model, spec, ports_needed)
     if sizing is None:
         return None
