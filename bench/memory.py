@@ -96,8 +96,9 @@ async def measure_memory(sim: SimulatorProcess, folder: Path, label: str) -> lis
         )
         try:
             ticked = await _wait_for_runs(folder / "memory.db", rule_count, process)
-            # Let the finished ticks' garbage go before reading the resident size.
-            await asyncio.sleep(3)
+            # At rest means after the daemon released the tick's snapshot, which it does
+            # once the snapshot is older than snapshot_max_age (5 s by default).
+            await asyncio.sleep(8)
             rss, peak = _memory_mb(process.pid)
             stopped_in, code = await _stop(process)
         finally:
