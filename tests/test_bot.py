@@ -543,8 +543,14 @@ async def test_expired_pressed_twice_quietly(chat: Chat, caplog: pytest.LogCaptu
     chat.market.advance(timedelta(minutes=11))
     await chat.press(question, "Confirm")
 
+    edits = len(chat.api.calls_of("editMessageText"))
     with caplog.at_level(logging.WARNING, logger="tdbot.bot"):
         again = await chat.press(question, "Confirm")
+        # The bot edits the question after answering the press, so wait for the edit.
+        for _ in range(100):
+            if len(chat.api.calls_of("editMessageText")) > edits:
+                break
+            await asyncio.sleep(0.02)
 
     assert "has expired" in again
     assert chat.api.calls_of("editMessageText")[-1].status == 400

@@ -79,6 +79,18 @@ class Offer:
     uptime_percent: float | None = None
     free_ports: tuple[int, ...] = field(default=(), repr=False)
 
+    def deploy_fields(self) -> dict[str, Any]:
+        """Return the `Deploy` fields this offer sets: hostnode, size and full price."""
+        return {
+            "hostnode_id": self.hostnode_id,
+            "gpu_model": self.sizing.gpu_model,
+            "gpu_count": self.sizing.gpu_count,
+            "vcpus": self.sizing.vcpus,
+            "ram_gb": self.sizing.ram_gb,
+            "storage_gb": self.sizing.storage_gb,
+            "price_usd_per_hour": self.price_usd_per_hour,
+        }
+
     @property
     def gpu_model(self) -> str:
         return self.sizing.gpu_model
