@@ -6,9 +6,7 @@ the fake Bot API server.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -21,43 +19,16 @@ from tdbot.evaluation.model import (
     ResolveAlert,
     Severity,
 )
-from tdbot.notify.telegram import TelegramNotifier
 from tdbot.store.db import Store
 from tdbot.store.tables import AlertState
 from tdbot.tensordock.models import VirtualMachine, VmStatus
+from tests.alerting import T0
 from tests.fakes.telegram_api import FakeTelegramApi
 
-T0 = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)
-REPEAT = timedelta(hours=1)
 IDLE = "idle-stop"
 CHEAP = "cheapest-4090"
 SPOT = "spot-guard"
 BALANCE = "low-balance"
-
-
-@pytest.fixture
-async def api() -> AsyncIterator[FakeTelegramApi]:
-    async with FakeTelegramApi() as server:
-        yield server
-
-
-@pytest.fixture
-async def notifier(api: FakeTelegramApi) -> AsyncIterator[TelegramNotifier]:
-    sender = TelegramNotifier(api.token, [42], base_url=api.base_url)
-    yield sender
-    await sender.stop()
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "tdbot.db")
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture
-def manager(store: Store, notifier: TelegramNotifier) -> AlertManager:
-    return AlertManager(store, notifier, repeat_interval=REPEAT)
 
 
 async def observe(store: Store, at: datetime, **statuses: VmStatus) -> None:

@@ -7,8 +7,7 @@ Telegram receives them.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,57 +24,15 @@ from tdbot.alerts.silence import (
     silence_alert_by_ref,
     unsilence_alert_by_ref,
 )
-from tdbot.evaluation.model import FireAlert, Report, ResolveAlert, Severity
+from tdbot.evaluation.model import Report, Severity
 from tdbot.notify.base import MAX_CALLBACK_DATA_BYTES
 from tdbot.notify.telegram import TelegramNotifier
 from tdbot.store.db import Store
 from tdbot.store.tables import AlertRecord
+from tests.alerting import REPEAT, RULE, T0, outbid, running_again
 from tests.fakes.telegram_api import FakeTelegramApi
 
-T0 = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)
-REPEAT = timedelta(hours=1)
-RULE = "spot-a100"
 USER = 777
-
-
-@pytest.fixture
-async def api() -> AsyncIterator[FakeTelegramApi]:
-    async with FakeTelegramApi() as server:
-        yield server
-
-
-@pytest.fixture
-async def notifier(api: FakeTelegramApi) -> AsyncIterator[TelegramNotifier]:
-    sender = TelegramNotifier(api.token, [42], base_url=api.base_url)
-    yield sender
-    await sender.stop()
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "tdbot.db"
-
-
-@pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path)
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture
-def manager(store: Store, notifier: TelegramNotifier) -> AlertManager:
-    return AlertManager(store, notifier, repeat_interval=REPEAT)
-
-
-def outbid(subject: str = "vm-1", severity: Severity = Severity.WARNING) -> FireAlert:
-    return FireAlert(
-        rule=RULE, subject=subject, summary=f"Spot VM {subject} is outbid.", severity=severity
-    )
-
-
-def running_again(subject: str = "vm-1") -> ResolveAlert:
-    return ResolveAlert(rule=RULE, subject=subject, summary=f"Spot VM {subject} runs again.")
 
 
 async def open_alert(manager: AlertManager, store: Store, subject: str = "vm-1") -> AlertRecord:
