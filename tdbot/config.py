@@ -24,7 +24,7 @@ from tdbot.tensordock.client import DEFAULT_BASE_URL
 
 
 class ConfigError(Exception):
-    """The configuration file or a secret is missing or invalid; the message says which."""
+    """The configuration file or a secret is missing or invalid; the message names which."""
 
 
 class Section(BaseModel):

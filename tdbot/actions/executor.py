@@ -471,7 +471,7 @@ def describe_action(decision: Stop | Rebid | Deploy) -> tuple[ActionKind, str, d
             "price_usd_per_hour": decision.price_usd_per_hour,
             "max_usd_per_hour": decision.max_usd_per_hour,
             "max_vms": decision.max_vms,
-            # The script may hold secrets, so the journal only says whether one was sent.
+            # The script may contain secrets, so the journal records only whether one was sent.
             "cloudinit_script": decision.cloudinit_script is not None,
             "replaces_vm_id": decision.replaces_vm_id,
         },

@@ -76,7 +76,7 @@ class TransportError(TensorDockError):
 
 
 class ApiTimeoutError(TransportError):
-    """The API did not answer within the configured timeout."""
+    """The API did not respond within the configured timeout."""
 
 
 class MalformedResponseError(TensorDockError):

@@ -286,7 +286,7 @@ class VirtualMachine(ApiModel):
         return self.dedicated_ip_address or self.ip_address or self.hostname
 
 
-# --- other answers ---------------------------------------------------------------
+# --- other responses -------------------------------------------------------------
 
 
 class DeployCost(ApiModel):
@@ -296,7 +296,7 @@ class DeployCost(ApiModel):
 
 
 class DeployResult(ApiModel):
-    """Answer of `client/deploy/single`: the new VM's id, address and port map."""
+    """Response of `client/deploy/single`: the new VM's id, address and port map."""
 
     server: str
     ip: str | None = None
