@@ -2,8 +2,11 @@
 
 Each GPU model is offered on 20 hostnodes, and every hour one of them changes its
 price, so a model gets 8,760 rows a year; 50 models give 438,000 rows. The rows are
-inserted in bulk through the store's own engine and table. Then
-`Store.price_history` is timed for windows of 1, 7, 30 and 365 days.
+inserted in bulk through the store's own engine and table. Each row carries the
+hostnode's vCPU, RAM and storage prices and free amounts, as the daemon writes them.
+Then `Store.price_history` is timed for windows of 1, 7, 30 and 365 days, and the full
+report (`tdbot.history.load_report`, which rebuilds the best full price of the default
+size from the rows) for 30 and 365 days.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from sqlalchemy import insert
 
 from bench.report import Measure, median, ms
 from tdbot.evaluation.model import MarketSnapshot
+from tdbot.history import load_report
 from tdbot.store.db import Store
 from tdbot.store.tables import PriceSnapshot
 
@@ -28,6 +32,7 @@ HOSTNODES_PER_MODEL = 20
 HOURS_PER_YEAR = 24 * 365
 MAX_QUERY_SECONDS = 0.1
 WINDOWS_DAYS = (1, 7, 30, 365)
+REPORT_DAYS = (30, 365)
 INSERT_CHUNK = 20_000
 
 
@@ -50,9 +55,25 @@ def history_rows(model_count: int, end: datetime, seed: int) -> list[dict[str, A
                     "gpu_model": model,
                     "usd_per_gpu_hour": round(price, 4),
                     "available": rng.random() < 0.95,
+                    **_capacity(rng),
                 }
             )
     return rows
+
+
+def _capacity(rng: random.Random) -> dict[str, Any]:
+    """Unit prices and free amounts of a hostnode, at the scale of the marketplace."""
+    return {
+        "gpus_free": rng.randint(0, 8),
+        "usd_per_vcpu_hour": 0.003,
+        "vcpus_free": rng.choice((8, 16, 32, 64)),
+        "usd_per_gb_ram_hour": 0.002,
+        "ram_gb_free": rng.choice((32, 64, 128, 256)),
+        "usd_per_gb_storage_hour": 0.00005,
+        "storage_gb_free": rng.choice((500, 1000, 4000)),
+        "ports_free": rng.randint(0, 20),
+        "restrictions": None,
+    }
 
 
 async def fill_store(store: Store, rows: list[dict[str, Any]]) -> None:
@@ -97,6 +118,8 @@ async def measure_history(
         ]
         for days in WINDOWS_DAYS:
             measures.append(await _time_window(store, end, days, repeats, model_count))
+        for days in REPORT_DAYS:
+            measures.append(await _time_report(store, end, days, repeats, model_count))
         measures.append(Measure("  query plan", _query_plan(database.path)))
     finally:
         await store.close()
@@ -142,6 +165,27 @@ async def _time_window(
     return Measure(
         f"price_history, last {days} days",
         f"{ms(elapsed)} ({found} rows, median of {repeats})",
+        f"< {ms(MAX_QUERY_SECONDS)}",
+        elapsed < MAX_QUERY_SECONDS,
+    )
+
+
+async def _time_report(
+    store: Store, end: datetime, days: int, repeats: int, model_count: int
+) -> Measure:
+    """Time the whole report a user gets from `tdbot prices` or /prices, default size."""
+    times = []
+    steps = 0
+    for repeat in range(repeats):
+        model = f"bench-gpu-{repeat % model_count:02d}"
+        started = time.perf_counter()
+        report = await load_report(store, model, days=days, until=end)
+        times.append(time.perf_counter() - started)
+        steps = len(report.steps)
+    elapsed = median(times)
+    return Measure(
+        f"price report (full price series and statistics), last {days} days",
+        f"{ms(elapsed)} ({steps} steps, median of {repeats})",
         f"< {ms(MAX_QUERY_SECONDS)}",
         elapsed < MAX_QUERY_SECONDS,
     )

@@ -180,7 +180,7 @@ def balance(config_path: Path | None, as_json: bool) -> None:
 
 @main.command()
 @CONFIG_OPTION
-@click.argument("gpu_model")
+@click.argument("gpu")
 @click.option(
     "--days",
     default=30.0,
@@ -188,22 +188,39 @@ def balance(config_path: Path | None, as_json: bool) -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="Days of history to show.",
 )
+@click.option("--gpu-count", default=1, show_default=True, type=click.IntRange(1, 8))
+@click.option("--vcpus", default=8, show_default=True, type=click.IntRange(2))
+@click.option("--ram-gb", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--storage-gb", default=100, show_default=True, type=click.IntRange(20))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def prices(config_path: Path | None, gpu_model: str, days: float, as_json: bool) -> None:
-    """Show the lowest available price per GPU-hour of GPU_MODEL from stored history.
+def prices(
+    config_path: Path | None,
+    gpu: str,
+    days: float,
+    gpu_count: int,
+    vcpus: int,
+    ram_gb: int,
+    storage_gb: int,
+    as_json: bool,
+) -> None:
+    """Show the best available full price of a deployment on GPU from stored history.
 
-    Reads the database in the configuration; no API key is needed.
+    GPU is a model id such as geforcertx4090-pcie-24gb, or a name such as 4090 that
+    matches one stored model. The options set the deployment's size. Reads the database
+    in the configuration; no API key is needed.
     """
     import asyncio
     from datetime import UTC, datetime
 
-    from tdbot.history import show_prices
+    from tdbot.history import DeploymentSize, show_prices
 
     settings, _ = _load(config_path)
+    size = DeploymentSize(gpu_count, vcpus, ram_gb, storage_gb)
     code = asyncio.run(
         show_prices(
             settings.daemon.database,
-            gpu_model,
+            gpu,
+            size,
             days=days,
             as_json=as_json,
             out=sys.stdout,

@@ -1,12 +1,17 @@
-"""Price history of one GPU model: the lowest available GPU unit price over time.
+"""Price history of one GPU model: the best available full price of a deployment over time.
 
 What is computed, and what is not:
 
-- The series is the lowest USD per GPU-hour among hostnodes that offered the model as
-  available, rebuilt as a step function from the stored change rows. It is the GPU
-  unit price only. The full price of a deployment (vCPUs, RAM, storage) is not
-  stored per tick, so it is not part of the series.
-- Times when no hostnode offered the model are gaps: they count in no statistic.
+- The series is the lowest full hourly price (GPUs, vCPUs, RAM and storage) of one
+  deployment size among the hostnodes that could host it, rebuilt as a step function
+  from the stored change rows. Each row keeps the hostnode's unit prices, free amounts
+  and restrictions, so a hostnode is sized and priced as `tdbot.evaluation.pricing`
+  sizes and prices it now: vCPUs rounded up to even, raised to a restriction's minimum,
+  and left out when it has too few free units.
+- The history covers every location: a rule's country or uptime filters do not apply.
+- Times when no hostnode could host the size are gaps: they count in no statistic.
+  Rows stored before the vCPU, RAM and storage prices were kept have no full price,
+  so they are gaps too.
 - The statistics of a window (1, 7, 30 days by default) are time-weighted: each value
   counts for as long as it held. A percentile p is the lowest value v such that the
   series was at or under v for at least p% of the covered time (the lower weighted
@@ -22,11 +27,24 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, TextIO
 
 from tdbot.evaluation.cheapest import ranked_offers
 from tdbot.evaluation.model import MarketSnapshot, RuleState
-from tdbot.rules.schema import CheapestHostnodeRule, RuleBase
+from tdbot.evaluation.pricing import PRICE_DECIMALS, Sizing, price_at, size_deployment
+from tdbot.rules.schema import CheapestHostnodeRule, HostnodeSpec, RuleBase
+from tdbot.spec import gpu_matches, suggest_gpu_models
+from tdbot.store.codec import decode_restrictions
+from tdbot.tensordock.models import (
+    CpuOffer,
+    GpuOffer,
+    Hostnode,
+    HostnodeSpecs,
+    HostnodeStatus,
+    Networking,
+    ResourceOffer,
+)
 
 if TYPE_CHECKING:
     from tdbot.store.db import PricePoint, Store
@@ -37,11 +55,43 @@ SPARK_WIDTH = 48
 
 
 @dataclass(frozen=True)
+class DeploymentSize:
+    """The deployment whose full price the history follows."""
+
+    gpu_count: int
+    vcpus: int
+    ram_gb: int
+    storage_gb: int
+
+    @classmethod
+    def of(cls, spec: HostnodeSpec) -> DeploymentSize:
+        return cls(spec.gpu_count, spec.vcpus, spec.ram_gb, spec.storage_gb)
+
+    def describe(self) -> str:
+        gpus = "1 GPU" if self.gpu_count == 1 else f"{self.gpu_count} GPUs"
+        return f"{gpus}, {self.vcpus} vCPUs, {self.ram_gb} GB RAM, {self.storage_gb} GB storage"
+
+
+def _spec_default(name: str) -> int:
+    default: int = HostnodeSpec.model_fields[name].default
+    return default
+
+
+# The size a rule gets when its match sets none: 1 GPU, 8 vCPUs, 32 GB RAM, 100 GB.
+DEFAULT_SIZE = DeploymentSize(
+    _spec_default("gpu_count"),
+    _spec_default("vcpus"),
+    _spec_default("ram_gb"),
+    _spec_default("storage_gb"),
+)
+
+
+@dataclass(frozen=True)
 class PriceStep:
-    """The lowest available price from `start` until the next step; None is a gap."""
+    """The best available full price from `start` until the next step; None is a gap."""
 
     start: datetime
-    usd_per_gpu_hour: float | None
+    usd_per_hour: float | None
 
 
 @dataclass(frozen=True)
@@ -58,28 +108,93 @@ class WindowStats:
 
 @dataclass(frozen=True)
 class PriceReport:
-    """The series and its window statistics for one GPU model, up to `until`."""
+    """The series and its window statistics for one GPU model and size, up to `until`."""
 
     gpu_model: str
+    size: DeploymentSize
     since: datetime
     until: datetime
     steps: list[PriceStep]
     windows: list[WindowStats]
 
 
+def point_price(point: PricePoint, size: DeploymentSize) -> float | None:
+    """Return the full hourly price of `size` on the point's hostnode, or None.
+
+    None when the model was not available there, when the hostnode could not host the
+    size, or when the row has no vCPU, RAM and storage prices.
+    """
+    vcpu = point.usd_per_vcpu_hour
+    ram_gb = point.usd_per_gb_ram_hour
+    storage_gb = point.usd_per_gb_storage_hour
+    if not point.available or vcpu is None or ram_gb is None or storage_gb is None:
+        return None
+    sizing = _sizing(point.gpu_model, point.restrictions, size)
+    if sizing is None or not _has_room(point, sizing):
+        return None
+    price = price_at(
+        sizing, gpu=point.usd_per_gpu_hour, vcpu=vcpu, ram_gb=ram_gb, storage_gb=storage_gb
+    )
+    return round(price.total_usd, PRICE_DECIMALS)
+
+
+# Enough of every resource for any deployment, so that sizing checks only restrictions.
+_UNLIMITED = 1 << 30
+
+
+# Sizing builds a Hostnode and a HostnodeSpec, while a model's history has thousands of
+# rows but only a few distinct restrictions, so sizings are cached.
+@lru_cache(maxsize=1024)
+def _sizing(gpu_model: str, restrictions: str | None, size: DeploymentSize) -> Sizing | None:
+    """Size `size` as tdbot.evaluation.pricing does, under the restrictions only."""
+    hostnode = Hostnode(
+        id="history",
+        networking=Networking(ports=[1]),
+        specs=HostnodeSpecs(
+            cpu=CpuOffer(amount=_UNLIMITED),
+            ram=ResourceOffer(amount=_UNLIMITED),
+            storage=ResourceOffer(amount=_UNLIMITED),
+            gpu={gpu_model: GpuOffer(amount=_UNLIMITED)},
+            restrictions=decode_restrictions(restrictions),
+        ),
+        status=HostnodeStatus(online=True, listed=True, reserved=False),
+    )
+    spec = HostnodeSpec(
+        gpu=[gpu_model],
+        gpu_count=size.gpu_count,
+        vcpus=size.vcpus,
+        ram_gb=size.ram_gb,
+        storage_gb=size.storage_gb,
+    )
+    return size_deployment(hostnode, gpu_model, spec)
+
+
+def _has_room(point: PricePoint, sizing: Sizing) -> bool:
+    """Return whether the point's free units and ports fit the sizing; unknown amounts do not."""
+    needed = (
+        (point.gpus_free, sizing.gpu_count),
+        (point.vcpus_free, sizing.vcpus),
+        (point.ram_gb_free, sizing.ram_gb),
+        (point.storage_gb_free, sizing.storage_gb),
+        # One external port, for SSH, as tdbot.evaluation.pricing requests by default.
+        (point.ports_free, 1),
+    )
+    return all(free is not None and free >= amount for free, amount in needed)
+
+
 def lowest_price_series(
-    points: Iterable[PricePoint], *, since: datetime, until: datetime
+    points: Iterable[PricePoint], size: DeploymentSize, *, since: datetime, until: datetime
 ) -> list[PriceStep]:
-    """Rebuild the lowest available price over [since, until) from change rows.
+    """Rebuild the best available full price of `size` over [since, until) from change rows.
 
     `points` must be oldest first and may start before `since`: the rows before it
-    set each hostnode's price at `since`.
+    set each hostnode's offer at `since`.
     """
     current: dict[str, float | None] = {}
     steps: list[PriceStep] = []
     for taken_at, group in _group_by_time(points):
         for point in group:
-            current[point.hostnode_id] = point.usd_per_gpu_hour if point.available else None
+            current[point.hostnode_id] = point_price(point, size)
         if taken_at >= until:
             break
         _append_step(steps, PriceStep(max(taken_at, since), _lowest(current.values())))
@@ -106,10 +221,10 @@ def _append_step(steps: list[PriceStep], step: PriceStep) -> None:
     # the same price as the one before adds nothing.
     if steps and steps[-1].start == step.start:
         steps[-1] = step
-        if len(steps) > 1 and steps[-2].usd_per_gpu_hour == step.usd_per_gpu_hour:
+        if len(steps) > 1 and steps[-2].usd_per_hour == step.usd_per_hour:
             steps.pop()
         return
-    if steps and steps[-1].usd_per_gpu_hour == step.usd_per_gpu_hour:
+    if steps and steps[-1].usd_per_hour == step.usd_per_hour:
         return
     steps.append(step)
 
@@ -123,9 +238,9 @@ def weighted_values(
         end = steps[index + 1].start if index + 1 < len(steps) else until
         start = max(step.start, since)
         end = min(end, until)
-        if step.usd_per_gpu_hour is None or end <= start:
+        if step.usd_per_hour is None or end <= start:
             continue
-        values.append((step.usd_per_gpu_hour, (end - start).total_seconds()))
+        values.append((step.usd_per_hour, (end - start).total_seconds()))
     return values
 
 
@@ -160,59 +275,113 @@ def window_stats(steps: Sequence[PriceStep], *, until: datetime, days: float) ->
 async def load_report(
     store: Store,
     gpu_model: str,
+    size: DeploymentSize = DEFAULT_SIZE,
     *,
     days: float,
     until: datetime,
     windows: Sequence[float] = DEFAULT_WINDOWS_DAYS,
 ) -> PriceReport:
-    """Read the history of `gpu_model` and build its series and window statistics.
+    """Read the history of `gpu_model` and build the series and statistics of `size`.
 
     The series covers `days` days. Each window in `windows` up to `days` gets its
     statistics, and `days` itself is added when it is not one of them.
     """
     since = until - timedelta(days=days)
     points = await store.price_series_points(gpu_model, since=since, until=until)
-    steps = lowest_price_series(points, since=since, until=until)
+    steps = lowest_price_series(points, size, since=since, until=until)
     spans = sorted({*(window for window in windows if window <= days), days})
     stats = [window_stats(steps, until=until, days=span) for span in spans]
-    return PriceReport(gpu_model, since, until, steps, stats)
+    return PriceReport(gpu_model, size, since, until, steps, stats)
 
 
 async def price_percentile(
-    store: Store, gpu_model: str, *, percent: float, window: timedelta, until: datetime
+    store: Store,
+    gpu_model: str,
+    size: DeploymentSize,
+    *,
+    percent: float,
+    window: timedelta,
+    until: datetime,
 ) -> float | None:
-    """Return the time-weighted percentile of the lowest GPU unit price over `window`."""
+    """Return the time-weighted percentile of the best full price of `size` over `window`."""
     since = until - window
     points = await store.price_series_points(gpu_model, since=since, until=until)
-    steps = lowest_price_series(points, since=since, until=until)
+    steps = lowest_price_series(points, size, since=since, until=until)
     return weighted_percentile(weighted_values(steps, since=since, until=until), percent)
 
 
 async def show_prices(
-    database: str, gpu_model: str, *, days: float, as_json: bool, out: TextIO, now: datetime
+    database: str,
+    gpu: str,
+    size: DeploymentSize = DEFAULT_SIZE,
+    *,
+    days: float,
+    as_json: bool,
+    out: TextIO,
+    now: datetime,
 ) -> int:
-    """Print the price report of `gpu_model` from the database; needs no API key."""
+    """Print the price report of a GPU model and size from the database; needs no API key.
+
+    `gpu` is a model id or a name such as "4090" that matches one stored model.
+    """
     from tdbot.store.db import Store
 
     store = await Store.open(database)
     try:
-        report = await load_report(store, gpu_model, days=days, until=now)
+        gpu_model = resolve_gpu_model(gpu, await store.price_history_models())
+        report = await load_report(store, gpu_model, size, days=days, until=now)
+    except ValueError as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 1
     finally:
         await store.close()
-    if not report.steps:
-        sys.stderr.write(
-            f"error: no price history for GPU model {gpu_model!r} in the last {days:g} days; "
-            "the daemon stores prices while cheapest_hostnode rules run\n"
-        )
+    if not has_prices(report):
+        sys.stderr.write(f"error: {no_history_message(report, days)}\n")
         return 1
     out.write((report_json(report) if as_json else format_text(report)) + "\n")
     return 0
 
 
+def resolve_gpu_model(gpu: str, stored_models: Sequence[str]) -> str:
+    """Return the stored model id that `gpu` names, or raise ValueError saying what to give.
+
+    A name such as "4090" must match exactly one stored model id.
+    """
+    if gpu in stored_models:
+        return gpu
+    if not stored_models:
+        raise ValueError(
+            "no price history is stored yet; the daemon stores prices while "
+            "cheapest_hostnode rules run"
+        )
+    matches = [model for model in stored_models if gpu_matches(gpu, model)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ValueError(f"{gpu!r} matches {', '.join(matches)}; give one of these model ids")
+    close = suggest_gpu_models(gpu, stored_models)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"stored: {', '.join(stored_models)}"
+    raise ValueError(f"no price history for a GPU model matching {gpu!r}; {hint}")
+
+
+def has_prices(report: PriceReport) -> bool:
+    """Return whether any moment of the report had a full price."""
+    return any(step.usd_per_hour is not None for step in report.steps)
+
+
+def no_history_message(report: PriceReport, days: float) -> str:
+    """Say why a report has no prices and what to do about it."""
+    return (
+        f"no full price of {report.size.describe()} on {report.gpu_model} in the last "
+        f"{days:g} days: no hostnode with stored prices could host that size; try a "
+        "smaller size or more days"
+    )
+
+
 async def with_price_percentiles(
     rule: RuleBase, snapshot: MarketSnapshot, state: RuleState, store: Store, now: datetime
 ) -> RuleState:
-    """Add the deal percentile of the best offer's GPU model to a rule's state.
+    """Add the deal percentile of the best offer's GPU model, at the rule's size, to its state.
 
     Only cheapest-hostnode rules with `alert.deal_below_percentile` need it; other
     rules get `state` back unchanged. The evaluation stays pure because the history
@@ -232,6 +401,7 @@ async def with_price_percentiles(
     value = await price_percentile(
         store,
         gpu_model,
+        DeploymentSize.of(rule.match),
         percent=rule.alert.deal_below_percentile,
         window=rule.alert.deal_window,
         until=now,
@@ -282,7 +452,7 @@ def sparkline(values: Sequence[float | None]) -> str:
 def format_text(report: PriceReport) -> str:
     """Render the statistics table and a sparkline as plain text."""
     lines = [
-        f"{report.gpu_model}: lowest available GPU unit price, USD per GPU-hour",
+        f"{report.gpu_model}: best available full price of {report.size.describe()}, USD per hour",
         f"{'window':>8} {'lowest':>8} {'p10':>8} {'median':>8} {'p90':>8} {'hours':>8}",
     ]
     for stats in report.windows:
@@ -303,12 +473,13 @@ def report_json(report: PriceReport) -> str:
     """Render the report as JSON, with times in ISO 8601 UTC."""
     data: dict[str, Any] = {
         "gpu_model": report.gpu_model,
-        "unit": "usd_per_gpu_hour",
+        "size": asdict(report.size),
+        "unit": "usd_per_hour",
         "since": report.since.isoformat(),
         "until": report.until.isoformat(),
         "windows": [asdict(stats) for stats in report.windows],
         "steps": [
-            {"start": step.start.isoformat(), "usd_per_gpu_hour": step.usd_per_gpu_hour}
+            {"start": step.start.isoformat(), "usd_per_hour": step.usd_per_hour}
             for step in report.steps
         ],
     }
@@ -327,15 +498,12 @@ def render_png(report: PriceReport) -> bytes:
     day = timedelta(days=1)
     times = [(step.start - report.until) / day for step in report.steps] + [0.0]
     # NaN leaves a gap in the line where no hostnode offered the model.
-    prices = [
-        math.nan if step.usd_per_gpu_hour is None else step.usd_per_gpu_hour
-        for step in report.steps
-    ]
+    prices = [math.nan if step.usd_per_hour is None else step.usd_per_hour for step in report.steps]
     if prices:
         # A step function keeps each value until the next change, hence "post".
         axes.step(times, [*prices, prices[-1]], where="post")
-    axes.set_title(f"{report.gpu_model}: lowest available GPU unit price")
-    axes.set_ylabel("USD per GPU-hour")
+    axes.set_title(f"{report.gpu_model}: best full price of {report.size.describe()}", fontsize=10)
+    axes.set_ylabel("USD per hour")
     axes.set_xlabel(f"days before {report.until:%Y-%m-%d %H:%M} UTC")
     axes.set_xlim((report.since - report.until) / day, 0.0)
     buffer = io.BytesIO()

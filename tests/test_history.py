@@ -1,4 +1,4 @@
-"""Price history: the lowest-price series, its statistics, `tdbot prices`, /prices,
+"""Price history: the best full-price series, its statistics, `tdbot prices`, /prices,
 retention and the deal alert.
 
 Statistics are checked against values worked out by hand from a small history. The
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,20 @@ import pytest
 from click.testing import CliRunner
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tdbot import history
 from tdbot.cli import main
 from tdbot.daemon.runner import run_maintenance
 from tdbot.evaluation import evaluate
 from tdbot.evaluation.cheapest import SUBJECT_DEAL, ranked_offers
 from tdbot.evaluation.model import FireAlert, MarketSnapshot, ResolveAlert, RuleState
+from tdbot.evaluation.pricing import rank_hostnodes
 from tdbot.history import (
+    DEFAULT_SIZE,
+    DeploymentSize,
     PriceStep,
     load_report,
     lowest_price_series,
+    point_price,
     render_png,
     sample_series,
     sparkline,
@@ -34,10 +40,11 @@ from tdbot.history import (
     weighted_values,
     with_price_percentiles,
 )
-from tdbot.rules.schema import CheapestHostnodeRule
+from tdbot.rules.schema import CheapestHostnodeRule, HostnodeSpec
+from tdbot.store.codec import encode_restrictions
 from tdbot.store.db import PricePoint, Store
 from tdbot.store.tables import PriceSnapshot
-from tdbot.tensordock.models import Hostnode
+from tdbot.tensordock.models import Bounds, Hostnode, Restriction
 from tests.test_bot import Chat, api, chat, market  # noqa: F401
 
 MODEL = "test-gpu-80gb"
@@ -49,9 +56,24 @@ GPU_4090 = "geforcertx4090-pcie-24gb"
 
 Row = tuple[float, str, float, bool]
 
-# (hours before the end, hostnode, USD per GPU-hour, available). The lowest available
-# price over the last day: 2.0 for 10 h, 1.0 for 2 h, 2.0 for 9 h, 3.0 for 3 h. The
-# week adds the day before it, 24 h at 2.0; nothing is stored before that.
+# Every stored row has these unit prices and free amounts besides its GPU price. The
+# default size (1 GPU, 8 vCPUs, 32 GB RAM, 100 GB storage) then costs the GPU price
+# plus 8 × 0.01 + 32 × 0.005 + 100 × 0.0001 = 0.25 USD per hour.
+UNITS: dict[str, Any] = {
+    "gpus_free": 4,
+    "usd_per_vcpu_hour": 0.01,
+    "vcpus_free": 64,
+    "usd_per_gb_ram_hour": 0.005,
+    "ram_gb_free": 256,
+    "usd_per_gb_storage_hour": 0.0001,
+    "storage_gb_free": 2000,
+    "ports_free": 10,
+}
+EXTRAS = 0.25
+
+# (hours before the end, hostnode, USD per GPU-hour, available). The best full price
+# over the last day: 2.25 for 10 h, 1.25 for 2 h, 2.25 for 9 h, 3.25 for 3 h. The week
+# adds the day before it, 24 h at 2.25; nothing is stored before that.
 HISTORY: list[Row] = [
     (48, "node-a", 2.0, True),
     (14, "node-b", 1.0, True),
@@ -62,12 +84,15 @@ HISTORY: list[Row] = [
 
 def price_points(rows: list[Row], end: datetime = UNTIL) -> list[PricePoint]:
     return [
-        PricePoint(MODEL, end - hours * HOUR, node, price, available)
+        PricePoint(MODEL, end - hours * HOUR, node, price, available, **UNITS)
         for hours, node, price, available in rows
     ]
 
 
-async def add_rows(store: Store, rows: list[Row], end: datetime, model: str = MODEL) -> None:
+async def add_rows(
+    store: Store, rows: list[Row], end: datetime, model: str = MODEL, **columns: Any
+) -> None:
+    """Store rows with the UNITS columns, or with `columns` in their place."""
     async with AsyncSession(store.engine) as session:
         for hours, node, price, available in rows:
             session.add(
@@ -77,9 +102,15 @@ async def add_rows(store: Store, rows: list[Row], end: datetime, model: str = MO
                     gpu_model=model,
                     usd_per_gpu_hour=price,
                     available=available,
+                    **(columns or UNITS),
                 )
             )
         await session.commit()
+
+
+def one_point(**changes: Any) -> PricePoint:
+    fields = {"usd_per_gpu_hour": 2.0, "available": True, **UNITS, **changes}
+    return PricePoint(MODEL, UNTIL, "node-a", **fields)
 
 
 @pytest.fixture
@@ -92,15 +123,61 @@ async def store(tmp_path: Path) -> Any:
 # --- series and statistics ---------------------------------------------------------
 
 
+def test_full_price_default_size() -> None:
+    assert point_price(one_point(), DEFAULT_SIZE) == 2.0 + EXTRAS
+
+
+def test_full_price_larger_size() -> None:
+    size = DeploymentSize(gpu_count=2, vcpus=7, ram_gb=64, storage_gb=500)
+
+    # vCPUs are rounded up to 8: 2 × 2.0 + 8 × 0.01 + 64 × 0.005 + 500 × 0.0001.
+    assert point_price(one_point(), size) == pytest.approx(4.45)
+
+
+def test_full_price_restriction_minimum() -> None:
+    restrictions = encode_restrictions({1: Restriction(cpu=Bounds(min=16), ram=Bounds(max=64))})
+
+    # The vCPU minimum of 16 adds 8 × 0.01 to the default size's price.
+    assert point_price(one_point(restrictions=restrictions), DEFAULT_SIZE) == pytest.approx(2.33)
+    too_big = DeploymentSize(gpu_count=1, vcpus=8, ram_gb=128, storage_gb=100)
+    assert point_price(one_point(restrictions=restrictions), too_big) is None
+
+
+def test_full_price_unknown_cases() -> None:
+    assert point_price(one_point(vcpus_free=6), DEFAULT_SIZE) is None
+    assert point_price(one_point(gpus_free=1), DeploymentSize(2, 8, 32, 100)) is None
+    assert point_price(one_point(ports_free=0), DEFAULT_SIZE) is None
+    assert point_price(one_point(available=False), DEFAULT_SIZE) is None
+    # A row stored before vCPU, RAM and storage prices were kept.
+    assert point_price(PricePoint(MODEL, UNTIL, "node-a", 2.0, True), DEFAULT_SIZE) is None
+
+
 def test_series_steps_from_changes() -> None:
-    steps = lowest_price_series(price_points(HISTORY), since=UNTIL - 24 * HOUR, until=UNTIL)
+    steps = lowest_price_series(
+        price_points(HISTORY), DEFAULT_SIZE, since=UNTIL - 24 * HOUR, until=UNTIL
+    )
 
     assert steps == [
-        PriceStep(UNTIL - 24 * HOUR, 2.0),
-        PriceStep(UNTIL - 14 * HOUR, 1.0),
-        PriceStep(UNTIL - 12 * HOUR, 2.0),
-        PriceStep(UNTIL - 3 * HOUR, 3.0),
+        PriceStep(UNTIL - 24 * HOUR, 2.25),
+        PriceStep(UNTIL - 14 * HOUR, 1.25),
+        PriceStep(UNTIL - 12 * HOUR, 2.25),
+        PriceStep(UNTIL - 3 * HOUR, 3.25),
     ]
+
+
+def test_series_size_changes_ranking() -> None:
+    # node-a has the cheaper GPU but only one free; at 2 GPUs node-b is the best.
+    points = [
+        PricePoint(MODEL, UNTIL - 2 * HOUR, "node-a", 1.0, True, **{**UNITS, "gpus_free": 1}),
+        PricePoint(MODEL, UNTIL - 2 * HOUR, "node-b", 1.5, True, **UNITS),
+    ]
+    size = DeploymentSize(gpu_count=2, vcpus=8, ram_gb=32, storage_gb=100)
+
+    one = lowest_price_series(points, DEFAULT_SIZE, since=UNTIL - HOUR, until=UNTIL)
+    two = lowest_price_series(points, size, since=UNTIL - HOUR, until=UNTIL)
+
+    assert one == [PriceStep(UNTIL - HOUR, 1.25)]
+    assert two == [PriceStep(UNTIL - HOUR, 3.25)]
 
 
 def test_series_gap_without_offers() -> None:
@@ -109,11 +186,13 @@ def test_series_gap_without_offers() -> None:
         (6, "node-a", 2.0, False),
         (2, "node-a", 4.0, True),
     ]
-    steps = lowest_price_series(price_points(rows), since=UNTIL - 24 * HOUR, until=UNTIL)
+    steps = lowest_price_series(
+        price_points(rows), DEFAULT_SIZE, since=UNTIL - 24 * HOUR, until=UNTIL
+    )
     values = weighted_values(steps, since=UNTIL - 24 * HOUR, until=UNTIL)
 
     assert steps[1] == PriceStep(UNTIL - 6 * HOUR, None)
-    assert values == [(2.0, 4 * 3600.0), (4.0, 2 * 3600.0)]
+    assert values == [(2.25, 4 * 3600.0), (4.25, 2 * 3600.0)]
 
 
 def test_weighted_percentile_hand_values() -> None:
@@ -132,9 +211,10 @@ async def test_report_windows_hand_values(store: Store) -> None:
     report = await load_report(store, MODEL, days=7, until=UNTIL)
     day, week = report.windows
 
-    assert (day.days, day.lowest, day.p10, day.median, day.p90) == (1, 1.0, 2.0, 2.0, 3.0)
+    assert (day.days, day.lowest, day.p10, day.median, day.p90) == (1, 1.25, 2.25, 2.25, 3.25)
     assert day.covered_hours == 24.0
-    assert (week.days, week.lowest, week.p10, week.median, week.p90) == (7, 1.0, 2.0, 2.0, 2.0)
+    assert (week.lowest, week.p10, week.median, week.p90) == (1.25, 2.25, 2.25, 2.25)
+    assert week.days == 7
     assert week.covered_hours == 48.0
 
 
@@ -143,18 +223,20 @@ async def test_report_uses_row_before_window(store: Store) -> None:
 
     report = await load_report(store, MODEL, days=1, until=UNTIL)
 
-    assert report.steps[0] == PriceStep(UNTIL - 24 * HOUR, 2.0)
+    assert report.steps[0] == PriceStep(UNTIL - 24 * HOUR, 2.25)
     assert [stats.days for stats in report.windows] == [1]
 
 
 def test_sparkline_shows_short_dip() -> None:
-    steps = lowest_price_series(price_points(HISTORY), since=UNTIL - 24 * HOUR, until=UNTIL)
+    steps = lowest_price_series(
+        price_points(HISTORY), DEFAULT_SIZE, since=UNTIL - 24 * HOUR, until=UNTIL
+    )
 
     samples = sample_series(steps, since=UNTIL - 24 * HOUR, until=UNTIL, width=4)
 
-    # Slots of 6 h: the 2 h dip to 1.0 lies in the second slot. The last slot's
-    # lowest price is the 2.0 before the rise to 3.0.
-    assert samples == [2.0, 1.0, 2.0, 2.0]
+    # Slots of 6 h: the 2 h dip to 1.25 lies in the second slot. The last slot's
+    # lowest price is the 2.25 before the rise to 3.25.
+    assert samples == [2.25, 1.25, 2.25, 2.25]
 
 
 def test_sparkline_levels_and_gaps() -> None:
@@ -190,10 +272,41 @@ def test_cli_prices_table_and_json(tmp_path: Path) -> None:
     assert "▁" in table.output
     assert "█" in table.output
     data = json.loads(as_json.output)
-    assert data["unit"] == "usd_per_gpu_hour"
+    assert data["unit"] == "usd_per_hour"
+    assert data["size"] == {"gpu_count": 1, "vcpus": 8, "ram_gb": 32, "storage_gb": 100}
     assert [window["days"] for window in data["windows"]] == [1, 7, 30]
-    assert data["windows"][0]["lowest"] == 1.0
+    assert data["windows"][0]["lowest"] == 1.25
     assert missing.exit_code == 1
+    assert "no price history for a GPU model matching 'no-such-gpu'" in missing.output
+
+
+def test_cli_prices_name_and_size(tmp_path: Path) -> None:
+    database = tmp_path / "tdbot.db"
+    config = tmp_path / "tdbot.toml"
+    config.write_text(f'[daemon]\ndatabase = "{database}"\n')
+    asyncio.run(fill_database(database))
+    runner = CliRunner()
+    size = ["--gpu-count", "2", "--vcpus", "16", "--storage-gb", "200", "--json"]
+
+    result = runner.invoke(main, ["prices", "test-gpu", *size, "--config", str(config)])
+    too_big = runner.invoke(main, ["prices", MODEL, "--vcpus", "128", "--config", str(config)])
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["gpu_model"] == MODEL
+    # 2 × 1.0 + 16 × 0.01 + 32 × 0.005 + 200 × 0.0001 at the lowest GPU price.
+    assert data["windows"][0]["lowest"] == pytest.approx(2.34)
+    assert too_big.exit_code == 1
+    assert "no full price of 1 GPU, 128 vCPUs" in too_big.output
+
+
+async def test_gpu_name_ambiguous(store: Store) -> None:
+    await add_rows(store, HISTORY, UNTIL)
+    await add_rows(store, HISTORY, UNTIL, model="test-gpu-40gb")
+
+    with pytest.raises(ValueError, match="matches test-gpu-40gb, test-gpu-80gb"):
+        history.resolve_gpu_model("test-gpu", await store.price_history_models())
+    assert history.resolve_gpu_model("Test-GPU-80gb", await store.price_history_models()) == MODEL
 
 
 # --- chart and bot -----------------------------------------------------------------
@@ -244,11 +357,22 @@ async def test_bot_prices_text_fallback(
 async def test_bot_prices_usage_errors(chat: Chat) -> None:  # noqa: F811
     no_model = await chat.reply("/prices")
     bad_days = await chat.reply(f"/prices {MODEL} soon")
-    no_history = await chat.reply("/prices no-such-gpu")
+    nothing_stored = await chat.reply("/prices no-such-gpu")
+    bad_size = await chat.reply(f"/prices {MODEL} 7 count=9")
+    misspelt = await chat.reply(f"/prices {MODEL} vcpu=16")
 
     assert "Usage: /prices" in no_model
     assert "DAYS must be a number" in bad_days
-    assert "No price history" in no_history
+    assert "No price history is stored yet" in nothing_stored
+    assert "size count: input should be less than or equal to 8" in bad_size
+    assert "unknown key 'vcpu'; did you mean 'vcpus'?" in misspelt
+
+
+async def test_bot_prices_with_size(chat: Chat) -> None:  # noqa: F811
+    await add_rows(chat.daemon.store, HISTORY, chat.daemon.clock.now())
+    (reply,) = await chat.say("/prices test-gpu 1 count=2 storage=200")
+
+    assert "2 GPUs, 8 vCPUs, 32 GB RAM, 200 GB storage" in (reply.caption or reply.text or "")
 
 
 # --- retention ---------------------------------------------------------------------
@@ -275,7 +399,7 @@ async def test_prune_keeps_boundary_row(store: Store) -> None:
         ("node-b", 5.0),
         ("node-a", 4.0),
     ]
-    assert report.steps[0] == PriceStep(cut, 3.0)
+    assert report.steps[0] == PriceStep(cut, 3.25)
 
 
 async def test_maintenance_prunes_old_prices(chat: Chat) -> None:  # noqa: F811
@@ -314,9 +438,8 @@ def deal_rule() -> CheapestHostnodeRule:
     )
 
 
-def best_unit_price(rule: CheapestHostnodeRule, snapshot: MarketSnapshot) -> float:
-    best = ranked_offers(rule, snapshot)[0]
-    return best.price.gpu_usd / best.sizing.gpu_count
+def best_price(rule: CheapestHostnodeRule, snapshot: MarketSnapshot) -> float:
+    return ranked_offers(rule, snapshot)[0].price_usd_per_hour
 
 
 def deal_decisions(
@@ -329,8 +452,30 @@ def deal_decisions(
     return [decision for decision in decisions if decision.subject == SUBJECT_DEAL]
 
 
+@pytest.mark.parametrize("size", [DEFAULT_SIZE, DeploymentSize(2, 15, 64, 500)])
+async def test_history_matches_ranking(store: Store, size: DeploymentSize) -> None:
+    snapshot = fixture_snapshot()
+    await store.record_prices(replace(snapshot, taken_at=UNTIL - HOUR))
+    assert snapshot.hostnodes is not None
+    models = sorted({model for node in snapshot.hostnodes.values() for model in node.specs.gpu})
+
+    for model in models:
+        report = await load_report(store, model, size, days=1, until=UNTIL)
+        spec = HostnodeSpec(
+            gpu=[model],
+            gpu_count=size.gpu_count,
+            vcpus=size.vcpus,
+            ram_gb=size.ram_gb,
+            storage_gb=size.storage_gb,
+        )
+        offers = rank_hostnodes(snapshot.hostnodes, spec)
+
+        expected = offers[0].price_usd_per_hour if offers else None
+        assert report.steps[-1].usd_per_hour == expected, model
+
+
 def test_deal_fires_under_percentile() -> None:
-    price = best_unit_price(deal_rule(), fixture_snapshot())
+    price = best_price(deal_rule(), fixture_snapshot())
 
     (decision,) = deal_decisions(price + 0.05)
 
@@ -339,14 +484,14 @@ def test_deal_fires_under_percentile() -> None:
 
 
 def test_deal_quiet_at_percentile() -> None:
-    price = best_unit_price(deal_rule(), fixture_snapshot())
+    price = best_price(deal_rule(), fixture_snapshot())
 
     assert deal_decisions(price) == []
     assert deal_decisions(None) == []
 
 
 def test_deal_resolves_above_percentile() -> None:
-    price = best_unit_price(deal_rule(), fixture_snapshot())
+    price = best_price(deal_rule(), fixture_snapshot())
 
     (decision,) = deal_decisions(price - 0.05, frozenset({SUBJECT_DEAL}))
 
@@ -356,9 +501,15 @@ def test_deal_resolves_above_percentile() -> None:
 async def test_deal_percentile_from_store(store: Store) -> None:
     rule = deal_rule()
     snapshot = fixture_snapshot()
-    price = best_unit_price(rule, snapshot)
-    # 24 h at price + 0.1, then 1 h at price + 0.2: p10 of the week is price + 0.1.
-    rows: list[Row] = [(25, "node-x", price + 0.1, True), (1, "node-x", price + 0.2, True)]
+    price = best_price(rule, snapshot)
+    # The rule's size costs the GPU price plus 8 × 0.01 + 32 × 0.005 + 200 × 0.0001 =
+    # 0.26 on node-x. Its full price is 24 h at price + 0.1, then 1 h at price + 0.2, so
+    # the p10 of the week is price + 0.1.
+    gpu_price = price - 0.26
+    rows: list[Row] = [
+        (25, "node-x", gpu_price + 0.1, True),
+        (1, "node-x", gpu_price + 0.2, True),
+    ]
     await add_rows(store, rows, UNTIL, model=GPU_4090)
 
     state = await with_price_percentiles(rule, snapshot, RuleState(), store, UNTIL)

@@ -22,6 +22,7 @@ from tdbot.evaluation.model import (
 from tdbot.store.db import Store, database_url
 from tdbot.store.tables import ActionKind, ActionState, AlertState
 from tdbot.tensordock.models import (
+    CpuOffer,
     GpuOffer,
     Hostnode,
     HostnodeSpecs,
@@ -39,10 +40,20 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     await opened.close()
 
 
-def hostnode(hostnode_id: str, price: float, *, amount: int = 2, online: bool = True) -> Hostnode:
+def hostnode(
+    hostnode_id: str,
+    price: float,
+    *,
+    amount: int = 2,
+    online: bool = True,
+    cpu: CpuOffer | None = None,
+) -> Hostnode:
     return Hostnode(
         id=hostnode_id,
-        specs=HostnodeSpecs(gpu={"geforcertx4090-pcie-24gb": GpuOffer(amount=amount, price=price)}),
+        specs=HostnodeSpecs(
+            gpu={"geforcertx4090-pcie-24gb": GpuOffer(amount=amount, price=price)},
+            cpu=cpu or CpuOffer(),
+        ),
         status=HostnodeStatus(online=online, listed=True),
     )
 
@@ -143,6 +154,52 @@ async def test_prices_missing_hostnode_marked_unavailable(store: Store) -> None:
     assert again == 0
     history = await store.price_history("geforcertx4090-pcie-24gb", since=T0 + timedelta(minutes=5))
     assert [(row.hostnode_id, row.available) for row in history] == [("h2", False)]
+
+
+async def test_prices_stored_on_unit_change(tmp_path: Path) -> None:
+    database = tmp_path / "tdbot.db"
+    store = await Store.open(database)
+    await store.record_prices(market(T0, hostnode("h1", 0.40)))
+    cheaper_cpu = hostnode("h1", 0.40, cpu=CpuOffer(amount=32, price=0.002))
+    changed = await store.record_prices(market(T0 + timedelta(minutes=10), cheaper_cpu))
+    await store.close()
+
+    # A new process reads the latest offers from the table and writes nothing twice.
+    reopened = await Store.open(database)
+    again = await reopened.record_prices(market(T0 + timedelta(minutes=20), cheaper_cpu))
+    history = await reopened.price_history("geforcertx4090-pcie-24gb", since=T0)
+    await reopened.close()
+
+    assert changed == 1
+    assert again == 0
+    assert [(row.usd_per_vcpu_hour, row.vcpus_free) for row in history] == [
+        (0.0, 0),
+        (0.002, 32),
+    ]
+
+
+async def test_open_adds_missing_columns(tmp_path: Path) -> None:
+    database = tmp_path / "tdbot.db"
+    # The price table as tdbot created it before it kept vCPU, RAM and storage prices.
+    with sqlite3.connect(database) as connection:
+        connection.execute(
+            "CREATE TABLE price_snapshot (id INTEGER PRIMARY KEY, taken_at VARCHAR NOT NULL, "
+            "hostnode_id VARCHAR NOT NULL, gpu_model VARCHAR NOT NULL, "
+            "usd_per_gpu_hour FLOAT NOT NULL, available BOOLEAN NOT NULL)"
+        )
+        connection.execute(
+            "INSERT INTO price_snapshot VALUES (1, ?, 'h1', 'geforcertx4090-pcie-24gb', 0.4, 1)",
+            (T0.isoformat(),),
+        )
+
+    store = await Store.open(database)
+    (old_row,) = await store.price_history("geforcertx4090-pcie-24gb", since=T0)
+    added = await store.record_prices(market(T0 + timedelta(minutes=10), hostnode("h1", 0.40)))
+    await store.close()
+
+    assert (old_row.usd_per_gpu_hour, old_row.usd_per_vcpu_hour) == (0.4, None)
+    # The old row lacks the new values, so the same offer counts as a change once.
+    assert added == 1
 
 
 async def test_prices_skipped_without_hostnodes(store: Store) -> None:

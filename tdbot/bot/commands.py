@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from pydantic import ValidationError
+
 from tdbot import history
 from tdbot.alerts import silence
 from tdbot.bot.access import Allowlist
@@ -52,7 +54,8 @@ from tdbot.evaluation.idle import judge_vm
 from tdbot.evaluation.model import MarketSnapshot
 from tdbot.evaluation.pricing import count_rejections, rank_hostnodes
 from tdbot.notify.base import Message
-from tdbot.rules.schema import IdleStopRule
+from tdbot.rules.schema import HostnodeSpec, IdleStopRule
+from tdbot.spec import SpecError, parse_terms, spec_fields
 from tdbot.store.tables import ActionRecord, AlertState, DecisionRecord
 from tdbot.tensordock.models import VirtualMachine, VmStatus
 
@@ -68,6 +71,9 @@ PRICES_DEFAULT_DAYS = 30.0
 PRICES_MAX_DAYS = 400.0
 # Telegram's limit on a photo caption, in characters.
 PHOTO_CAPTION_LIMIT = 1024
+# The spec terms /prices takes after the GPU and days, to size the priced deployment.
+PRICES_SIZE_TERMS = ("count", "vcpus", "ram", "storage")
+_SIZE_TERM_OF_FIELD = {"gpu_count": "count", "ram_gb": "ram", "storage_gb": "storage"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,11 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("silence", "ALERT DURATION", "silence an alert (DURATION or 'resolved')"),
     CommandSpec("unsilence", "ALERT", "lift an alert's silence"),
     CommandSpec("why", "ACTION_ID", "a journal entry and the decision behind it"),
-    CommandSpec("prices", "GPU_MODEL [DAYS]", "price history of a GPU model, 30 days by default"),
+    CommandSpec(
+        "prices",
+        "GPU [DAYS] [count=N vcpus=N ram=N storage=N]",
+        "best full price history of a GPU, 30 days by default",
+    ),
     CommandSpec("start_vm", "NAME_OR_ID", "start a stopped VM, after a confirmation"),
     CommandSpec("stop_vm", "NAME_OR_ID [--release]", "stop a VM, after a confirmation"),
 )
@@ -269,12 +279,16 @@ class Commands:
 
     async def prices(self, request: CommandRequest) -> Message | Photo:
         """Reply with a chart of the price history, or text without the `charts` extra."""
-        gpu_model, days = _prices_arguments(request)
-        report = await history.load_report(
-            self._daemon.store, gpu_model, days=days, until=self._now()
-        )
-        if not report.steps:
-            return error_message(f"No price history for {gpu_model} in the last {days:g} days.")
+        gpu, days, size = _prices_arguments(request)
+        store = self._daemon.store
+        try:
+            gpu_model = history.resolve_gpu_model(gpu, await store.price_history_models())
+        except ValueError as error:
+            return error_message(f"{str(error)[:1].upper()}{str(error)[1:]}.")
+        report = await history.load_report(store, gpu_model, size, days=days, until=self._now())
+        if not history.has_prices(report):
+            message = history.no_history_message(report, days)
+            return error_message(f"{message[:1].upper()}{message[1:]}.")
         text = history.format_text(report)
         try:
             png = history.render_png(report)
@@ -446,19 +460,43 @@ class Commands:
         return self._confirmations.question_message(record)
 
 
-def _prices_arguments(request: CommandRequest) -> tuple[str, float]:
+def _prices_arguments(request: CommandRequest) -> tuple[str, float, history.DeploymentSize]:
     words = request.words
-    if not words or len(words) > 2:
-        raise UsageError("give a GPU model, such as geforcertx4090-pcie-24gb, and optional days")
-    if len(words) == 1:
-        return words[0], PRICES_DEFAULT_DAYS
+    if not words:
+        raise UsageError(
+            "give a GPU, such as 4090 or geforcertx4090-pcie-24gb, optional days, and "
+            "optional sizes such as count=2 vcpus=16"
+        )
+    days = PRICES_DEFAULT_DAYS
+    rest = words[1:]
+    if rest and "=" not in rest[0]:
+        days = _prices_days(rest[0])
+        rest = rest[1:]
+    return words[0], days, _prices_size(" ".join(rest))
+
+
+def _prices_days(word: str) -> float:
     try:
-        days = float(words[1])
+        days = float(word)
     except ValueError:
-        raise UsageError(f"DAYS must be a number, not {words[1]!r}") from None
+        raise UsageError(f"DAYS must be a number, not {word!r}") from None
     if not 0 < days <= PRICES_MAX_DAYS:
         raise UsageError(f"DAYS must be over 0 and at most {PRICES_MAX_DAYS:g}, not {days:g}")
-    return words[0], days
+    return days
+
+
+def _prices_size(text: str) -> history.DeploymentSize:
+    """Read size terms such as "count=2 vcpus=16"; the terms not given keep the rule defaults."""
+    try:
+        fields = spec_fields(parse_terms(text, PRICES_SIZE_TERMS))
+        spec = HostnodeSpec(gpu=["any"], **fields)
+    except SpecError as error:
+        raise UsageError(f"size {error}") from None
+    except ValidationError as error:
+        problem = error.errors()[0]
+        term = _SIZE_TERM_OF_FIELD.get(str(problem["loc"][0]), str(problem["loc"][0]))
+        raise UsageError(f"size {term}: {problem['msg'].lower()}") from None
+    return history.DeploymentSize.of(spec)
 
 
 def _no_arguments(request: CommandRequest, name: str) -> None:

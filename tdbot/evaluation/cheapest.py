@@ -7,9 +7,9 @@ Alert subjects of this rule kind:
 - "new-best": the best price dropped below the lowest one stored for the rule
   (`RuleState.best_price_usd`, which the caller updates from the evidence). It resolves
   when the best price rises above that stored low again, so the next drop fires anew.
-- "deal": the best offer's GPU unit price (USD per GPU-hour, not the full price) is
-  under `alert.deal_below_percentile` of its GPU model's stored price history, which
-  the caller passes in `RuleState.price_percentiles`. It resolves when the unit price
+- "deal": the best offer's full hourly price is under `alert.deal_below_percentile`
+  of the stored history of the best full price of the rule's size on that GPU model,
+  which the caller passes in `RuleState.price_percentiles`. It resolves when the price
   is at or above that percentile again. Without a stored percentile nothing is decided.
 """
 
@@ -232,22 +232,22 @@ def _deal_alert(
     if percent is None or percentile is None:
         return []
 
-    unit_price = round(best.price.gpu_usd / best.sizing.gpu_count, PRICE_DECIMALS)
+    price = best.price_usd_per_hour
+    window = format_duration(rule.alert.deal_window)
     evidence = _offer_evidence(rule, offers) | {
-        "gpu_usd_per_gpu_hour": unit_price,
         "percentile": percent,
-        "percentile_usd_per_gpu_hour": percentile,
+        "percentile_usd_per_hour": percentile,
     }
-    if unit_price < percentile:
+    if price < percentile:
         return [
             FireAlert(
                 rule=rule.name,
                 subject=SUBJECT_DEAL,
                 severity=Severity.INFO,
                 summary=(
-                    f"Deal on {best.gpu_model}: ${unit_price:.4f} per GPU-hour on "
-                    f"{best.hostnode_id} ({best.location}), under the p{percent:g} of "
-                    f"${percentile:.4f} over the last {format_duration(rule.alert.deal_window)}."
+                    f"Deal on {best.gpu_model}: ${price:.4f}/h on {best.hostnode_id} "
+                    f"({best.location}), under the p{percent:g} of ${percentile:.4f}/h "
+                    f"over the last {window}."
                 ),
                 evidence=evidence,
             )
@@ -258,8 +258,8 @@ def _deal_alert(
                 rule=rule.name,
                 subject=SUBJECT_DEAL,
                 summary=(
-                    f"{best.gpu_model} costs ${unit_price:.4f} per GPU-hour, no longer under "
-                    f"the p{percent:g} of ${percentile:.4f}."
+                    f"{best.gpu_model} costs ${price:.4f}/h, no longer under the "
+                    f"p{percent:g} of ${percentile:.4f}/h."
                 ),
                 evidence=evidence,
             )

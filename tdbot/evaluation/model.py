@@ -93,8 +93,8 @@ class RuleState:
     running_since: dict[str, datetime] = field(default_factory=dict)
     # Live VMs that this rule deployed, for the per-rule VM count cap.
     deployed_vm_ids: frozenset[str] = frozenset()
-    # GPU model -> USD per GPU-hour at the rule's `alert.deal_below_percentile` of the
-    # stored price history; filled only for cheapest-hostnode rules with a deal alert.
+    # GPU model -> full USD per hour of the rule's size at its `alert.deal_below_percentile`
+    # of the stored price history; filled only for cheapest-hostnode rules with a deal alert.
     price_percentiles: dict[str, float] = field(default_factory=dict)
 
 

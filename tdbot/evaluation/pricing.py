@@ -235,12 +235,24 @@ def full_price(hostnode: Hostnode, sizing: Sizing) -> PriceBreakdown:
     """Price a sized deployment at the hostnode's unit prices (USD per unit-hour)."""
     specs = hostnode.specs
     gpu = specs.gpu.get(sizing.gpu_model)
-    gpu_unit_price = gpu.price if gpu is not None else 0.0
+    return price_at(
+        sizing,
+        gpu=gpu.price if gpu is not None else 0.0,
+        vcpu=specs.cpu.price,
+        ram_gb=specs.ram.price,
+        storage_gb=specs.storage.price,
+    )
+
+
+def price_at(
+    sizing: Sizing, *, gpu: float, vcpu: float, ram_gb: float, storage_gb: float
+) -> PriceBreakdown:
+    """Price a sized deployment at the given unit prices, each in USD per unit-hour."""
     return PriceBreakdown(
-        gpu_usd=gpu_unit_price * sizing.gpu_count,
-        cpu_usd=specs.cpu.price * sizing.vcpus,
-        ram_usd=specs.ram.price * sizing.ram_gb,
-        storage_usd=specs.storage.price * sizing.storage_gb,
+        gpu_usd=gpu * sizing.gpu_count,
+        cpu_usd=vcpu * sizing.vcpus,
+        ram_usd=ram_gb * sizing.ram_gb,
+        storage_usd=storage_gb * sizing.storage_gb,
     )
 
 

@@ -243,8 +243,8 @@ class PriceAlert(Strict):
     deal_below_percentile: Percent | None = Field(
         default=None,
         description=(
-            "alert when the best offer's GPU unit price is under this percentile of the "
-            "stored lowest-price history of its GPU model over deal_window"
+            "alert when the best offer's full price is under this percentile of the "
+            "stored best full price of the same size and GPU model over deal_window"
         ),
     )
     deal_window: Duration = Field(

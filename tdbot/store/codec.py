@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from enum import Enum
 from typing import Any
 
 from tdbot.evaluation.model import IdleWarningState, LadderState
+from tdbot.tensordock.models import Bounds, Restriction
 
 
 def json_default(value: Any) -> Any:
@@ -82,3 +84,35 @@ def decode_idle_warning(value: dict[str, Any]) -> IdleWarningState:
     return IdleWarningState(
         warned_at=decode_time(value["warned_at"]), due_at=decode_time(value["due_at"])
     )
+
+
+def encode_restrictions(restrictions: Mapping[int, Restriction] | None) -> str | None:
+    """Write a hostnode's restrictions as compact JSON, such as {"1":{"cpu":[2,16]}}.
+
+    Each resource maps to [min, max], with null for a missing bound; None stays None.
+    The text is stable for equal restrictions, so it can be compared for changes.
+    """
+    if restrictions is None:
+        return None
+    encoded: dict[str, dict[str, list[int | None]]] = {}
+    for gpu_count in sorted(restrictions):
+        restriction = restrictions[gpu_count]
+        parts = {"cpu": restriction.cpu, "ram": restriction.ram, "storage": restriction.storage}
+        encoded[str(gpu_count)] = {
+            name: [bounds.min, bounds.max] for name, bounds in parts.items() if bounds is not None
+        }
+    return json.dumps(encoded, separators=(",", ":"))
+
+
+def decode_restrictions(text: str | None) -> dict[int, Restriction] | None:
+    """Read restrictions written by `encode_restrictions`."""
+    if text is None:
+        return None
+    decoded: dict[int, Restriction] = {}
+    for gpu_count, parts in json.loads(text).items():
+        bounds = {name: Bounds(*parts[name]) if name in parts else None for name in _RESOURCES}
+        decoded[int(gpu_count)] = Restriction(**bounds)
+    return decoded
+
+
+_RESOURCES = ("cpu", "ram", "storage")

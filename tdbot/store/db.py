@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, Engine, delete, event, func, update
+from sqlalchemy import ColumnElement, Connection, Engine, delete, event, func, inspect, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -84,15 +84,46 @@ def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-@dataclass(frozen=True)
-class PricePoint:
-    """One stored price change: USD per GPU-hour of a model on a hostnode from `taken_at`."""
+class PricePoint(NamedTuple):
+    """One stored change: what a GPU model on a hostnode offered from `taken_at` on.
+
+    The fields after `available` are None in rows stored before they were recorded.
+    A named tuple, because a year of history builds thousands of them per query and a
+    frozen dataclass is several times slower to create.
+    """
 
     gpu_model: str
     taken_at: datetime
     hostnode_id: str
     usd_per_gpu_hour: float
     available: bool
+    gpus_free: int | None = None
+    usd_per_vcpu_hour: float | None = None
+    vcpus_free: int | None = None
+    usd_per_gb_ram_hour: float | None = None
+    ram_gb_free: int | None = None
+    usd_per_gb_storage_hour: float | None = None
+    storage_gb_free: int | None = None
+    ports_free: int | None = None
+    restrictions: str | None = None
+
+
+# The PriceSnapshot columns that make up an offer, in PricePoint's order. A row is
+# written when any of them changes.
+OFFER_COLUMNS = (
+    "usd_per_gpu_hour",
+    "available",
+    "gpus_free",
+    "usd_per_vcpu_hour",
+    "vcpus_free",
+    "usd_per_gb_ram_hour",
+    "ram_gb_free",
+    "usd_per_gb_storage_hour",
+    "storage_gb_free",
+    "ports_free",
+    "restrictions",
+)
+OfferValues = tuple[Any, ...]
 
 
 class Store:
@@ -102,7 +133,7 @@ class Store:
         self.engine = engine
         self._clock = clock
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
-        self._price_cache: dict[tuple[str, str], tuple[float, bool]] | None = None
+        self._price_cache: dict[tuple[str, str], OfferValues] | None = None
 
     @classmethod
     async def open(
@@ -121,6 +152,7 @@ class Store:
 
         async with engine.begin() as connection:
             await connection.run_sync(SQLModel.metadata.create_all)
+            await connection.run_sync(_add_missing_columns)
         logger.info("store opened: %s", url.render_as_string(hide_password=True))
         return cls(engine, clock=clock)
 
@@ -347,40 +379,39 @@ class Store:
         return added
 
     async def record_prices(self, snapshot: MarketSnapshot) -> int:
-        """Store each (hostnode, GPU model) price whose value or availability changed.
+        """Store each (hostnode, GPU model) offer whose prices, free amounts or state changed.
 
         A pair that was available before and is missing from this snapshot gets a row
-        marked unavailable, so the history shows when it went away. The latest price
+        marked unavailable, so the history shows when it went away. The latest offer
         of each pair is read from the table once and then kept in memory, because a
         query for it on every tick grows with the history.
         """
         if snapshot.hostnodes is None:
             return 0
-        current = _current_prices(snapshot)
-        previous = await self._latest_prices()
-        for key, (price, available) in previous.items():
-            if key not in current and available:
-                current[key] = (price, False)
+        current = _current_offers(snapshot)
+        previous = await self._latest_offers()
+        for key, values in previous.items():
+            if key not in current and values[_AVAILABLE]:
+                current[key] = (*values[:_AVAILABLE], False, *values[_AVAILABLE + 1 :])
 
         changed = {key: value for key, value in current.items() if previous.get(key) != value}
         if not changed:
             return 0
         async with self._sessions() as session:
-            for (hostnode_id, gpu_model), (price, available) in changed.items():
-                session.add(
-                    PriceSnapshot(
-                        taken_at=snapshot.taken_at,
-                        hostnode_id=hostnode_id,
-                        gpu_model=gpu_model,
-                        usd_per_gpu_hour=price,
-                        available=available,
-                    )
+            session.add_all(
+                PriceSnapshot(
+                    taken_at=snapshot.taken_at,
+                    hostnode_id=hostnode_id,
+                    gpu_model=gpu_model,
+                    **dict(zip(OFFER_COLUMNS, values, strict=True)),
                 )
+                for (hostnode_id, gpu_model), values in changed.items()
+            )
             await session.commit()
         previous.update(changed)
         return len(changed)
 
-    async def _latest_prices(self) -> dict[tuple[str, str], tuple[float, bool]]:
+    async def _latest_offers(self) -> dict[tuple[str, str], OfferValues]:
         # NOTE: the cache assumes this process is the only writer of price history,
         # as it is for one daemon per database.
         if self._price_cache is not None:
@@ -389,41 +420,36 @@ class Store:
             col(PriceSnapshot.hostnode_id), col(PriceSnapshot.gpu_model)
         )
         query = select(
-            PriceSnapshot.hostnode_id,
-            PriceSnapshot.gpu_model,
-            PriceSnapshot.usd_per_gpu_hour,
-            PriceSnapshot.available,
+            col(PriceSnapshot.hostnode_id), col(PriceSnapshot.gpu_model), *_offer_columns()
         ).where(col(PriceSnapshot.id).in_(latest_ids))
         async with self._sessions() as session:
             rows = (await session.exec(query)).all()
-        self._price_cache = {
-            (hostnode_id, gpu_model): (price, available)
-            for hostnode_id, gpu_model, price, available in rows
-        }
+        self._price_cache = {(row[0], row[1]): tuple(row[2:]) for row in rows}
         return self._price_cache
+
+    async def price_history_models(self) -> list[str]:
+        """Return the GPU model ids that have stored price history, sorted."""
+        query = select(PriceSnapshot.gpu_model).distinct().order_by(col(PriceSnapshot.gpu_model))
+        async with self._sessions() as session:
+            return list((await session.exec(query)).all())
 
     async def price_history(
         self, gpu_model: str, *, since: datetime, until: datetime | None = None
     ) -> list[PricePoint]:
         """Price changes of one GPU model in a time range, oldest first.
 
-        Plain rows instead of ORM objects, because a year of history has thousands of
-        rows and building an ORM object for each costs several times the query.
+        Read through Core into named tuples instead of ORM objects, because a year of
+        history has thousands of rows and the ORM costs several times the query.
         """
         query = (
-            select(
-                PriceSnapshot.taken_at,
-                PriceSnapshot.hostnode_id,
-                PriceSnapshot.usd_per_gpu_hour,
-                PriceSnapshot.available,
-            )
+            select(col(PriceSnapshot.taken_at), col(PriceSnapshot.hostnode_id), *_offer_columns())
             .where(PriceSnapshot.gpu_model == gpu_model, PriceSnapshot.taken_at >= since)
             .order_by(col(PriceSnapshot.taken_at))
         )
         if until is not None:
             query = query.where(PriceSnapshot.taken_at < until)
-        async with self._sessions() as session:
-            rows = (await session.exec(query)).all()
+        async with self.engine.connect() as connection:
+            rows = (await connection.execute(query)).all()
         return [PricePoint(gpu_model, *row) for row in rows]
 
     # --- alerts ------------------------------------------------------------------
@@ -918,17 +944,12 @@ class Store:
             .group_by(col(PriceSnapshot.hostnode_id))
         )
         query = (
-            select(
-                PriceSnapshot.taken_at,
-                PriceSnapshot.hostnode_id,
-                PriceSnapshot.usd_per_gpu_hour,
-                PriceSnapshot.available,
-            )
+            select(col(PriceSnapshot.taken_at), col(PriceSnapshot.hostnode_id), *_offer_columns())
             .where(col(PriceSnapshot.id).in_(latest_before))
             .order_by(col(PriceSnapshot.taken_at))
         )
-        async with self._sessions() as session:
-            leading = (await session.exec(query)).all()
+        async with self.engine.connect() as connection:
+            leading = (await connection.execute(query)).all()
         points = [PricePoint(gpu_model, *row) for row in leading]
         return points + await self.price_history(gpu_model, since=since, until=until)
 
@@ -1044,16 +1065,63 @@ def _observation_changed(last: VmObservation | None, new: VmObservation) -> bool
     )
 
 
-def _current_prices(snapshot: MarketSnapshot) -> dict[tuple[str, str], tuple[float, bool]]:
-    """Map (hostnode id, GPU model) to (USD per GPU-hour, deployable now)."""
-    prices: dict[tuple[str, str], tuple[float, bool]] = {}
+def _current_offers(snapshot: MarketSnapshot) -> dict[tuple[str, str], OfferValues]:
+    """Map (hostnode id, GPU model) to its offer values, in OFFER_COLUMNS order."""
+    offers: dict[tuple[str, str], OfferValues] = {}
     for hostnode_id, hostnode in (snapshot.hostnodes or {}).items():
-        for gpu_model, offer in hostnode.specs.gpu.items():
-            prices[(hostnode_id, gpu_model)] = (
-                offer.price,
-                hostnode.available and offer.amount > 0,
+        specs = hostnode.specs
+        # The reasons that keep sizing from placing any deployment on a hostnode.
+        deployable = hostnode.available and hostnode.status.reserved is not True
+        shared = (
+            specs.cpu.price,
+            specs.cpu.amount,
+            specs.ram.price,
+            specs.ram.amount,
+            specs.storage.price,
+            specs.storage.amount,
+            len(set(hostnode.networking.ports)),
+            codec.encode_restrictions(specs.restrictions),
+        )
+        for gpu_model, gpu in specs.gpu.items():
+            available = deployable and gpu.amount > 0
+            offers[(hostnode_id, gpu_model)] = (gpu.price, available, gpu.amount, *shared)
+    return offers
+
+
+_AVAILABLE = OFFER_COLUMNS.index("available")
+
+
+def _offer_columns() -> list[Any]:
+    return [col(getattr(PriceSnapshot, name)) for name in OFFER_COLUMNS]
+
+
+def _add_missing_columns(connection: Connection) -> None:
+    """Add the nullable columns that tables created by an older tdbot lack.
+
+    `create_all` creates missing tables but never alters existing ones. The columns
+    added so far are all nullable, and ADD COLUMN adds those on SQLite and PostgreSQL
+    alike.
+    """
+    inspector = inspect(connection)
+    preparer = connection.dialect.identifier_preparer
+    for table in SQLModel.metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable:
+                raise RuntimeError(
+                    f"table {table.name} lacks the required column {column.name}; "
+                    "move the database file aside so that tdbot creates a new one"
+                )
+            column_type = column.type.compile(dialect=connection.dialect)
+            connection.execute(
+                text(
+                    f"ALTER TABLE {preparer.format_table(table)} "
+                    f"ADD COLUMN {preparer.format_column(column)} {column_type}"
+                )
             )
-    return prices
+            logger.info("added column %s.%s to the database", table.name, column.name)
 
 
 # --- idle warning buttons ------------------------------------------------------------

@@ -167,7 +167,13 @@ class AlertRecord(SQLModel, table=True):
 
 
 class PriceSnapshot(SQLModel, table=True):
-    """The price of one GPU model on one hostnode, written only when it changes."""
+    """What one GPU model on one hostnode offers, written only when something changes.
+
+    The unit prices and free amounts of vCPUs, RAM, storage and ports, and the
+    hostnode's restrictions, are kept with the GPU price, so the full price of any
+    deployment size can be rebuilt later. They are None in rows written before they
+    were stored, and such a row's full price is unknown.
+    """
 
     __tablename__ = "price_snapshot"
     __table_args__ = (
@@ -181,6 +187,16 @@ class PriceSnapshot(SQLModel, table=True):
     gpu_model: str
     usd_per_gpu_hour: float
     available: bool
+    gpus_free: int | None = None
+    usd_per_vcpu_hour: float | None = None
+    vcpus_free: int | None = None
+    usd_per_gb_ram_hour: float | None = None
+    ram_gb_free: int | None = None
+    usd_per_gb_storage_hour: float | None = None
+    storage_gb_free: int | None = None
+    ports_free: int | None = None
+    # The hostnode's restrictions as compact JSON (tdbot.history.encode_restrictions).
+    restrictions: str | None = None
 
 
 class VmObservation(SQLModel, table=True):
