@@ -184,6 +184,12 @@ def _check_operator(field: str, operator: str, column: int) -> None:
     if not allowed:
         raise SpecError(f"{field} is a flag and takes no operator or value", column)
     listed = ", ".join("in [..]" if item == "in" else item for item in allowed)
+    if field in _SIZE_FIELDS:
+        # A size is what gets deployed, and a search prices exactly that size, so an
+        # upper bound such as count<=4 would change nothing.
+        raise SpecError(
+            f"{field} sets the size to deploy and has no upper bound; use {listed}", column
+        )
     raise SpecError(f"{field} does not take {operator}; use {listed}", column)
 
 
