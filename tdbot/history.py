@@ -67,6 +67,16 @@ class DeploymentSize:
     def of(cls, spec: HostnodeSpec) -> DeploymentSize:
         return cls(spec.gpu_count, spec.vcpus, spec.ram_gb, spec.storage_gb)
 
+    def spec(self, gpu_model: str) -> HostnodeSpec:
+        """Return the spec that asks for this size of `gpu_model`, with no other filter."""
+        return HostnodeSpec(
+            gpu=[gpu_model],
+            gpu_count=self.gpu_count,
+            vcpus=self.vcpus,
+            ram_gb=self.ram_gb,
+            storage_gb=self.storage_gb,
+        )
+
     def describe(self) -> str:
         gpus = "1 GPU" if self.gpu_count == 1 else f"{self.gpu_count} GPUs"
         return f"{gpus}, {self.vcpus} vCPUs, {self.ram_gb} GB RAM, {self.storage_gb} GB storage"
@@ -159,14 +169,7 @@ def _sizing(gpu_model: str, restrictions: str | None, size: DeploymentSize) -> S
         ),
         status=HostnodeStatus(online=True, listed=True, reserved=False),
     )
-    spec = HostnodeSpec(
-        gpu=[gpu_model],
-        gpu_count=size.gpu_count,
-        vcpus=size.vcpus,
-        ram_gb=size.ram_gb,
-        storage_gb=size.storage_gb,
-    )
-    return size_deployment(hostnode, gpu_model, spec)
+    return size_deployment(hostnode, gpu_model, size.spec(gpu_model))
 
 
 def _has_room(point: PricePoint, sizing: Sizing) -> bool:

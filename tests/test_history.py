@@ -40,7 +40,7 @@ from tdbot.history import (
     weighted_values,
     with_price_percentiles,
 )
-from tdbot.rules.schema import CheapestHostnodeRule, HostnodeSpec
+from tdbot.rules.schema import CheapestHostnodeRule
 from tdbot.store.codec import encode_restrictions
 from tdbot.store.db import PricePoint, Store
 from tdbot.store.tables import PriceSnapshot
@@ -461,14 +461,7 @@ async def test_history_matches_ranking(store: Store, size: DeploymentSize) -> No
 
     for model in models:
         report = await load_report(store, model, size, days=1, until=UNTIL)
-        spec = HostnodeSpec(
-            gpu=[model],
-            gpu_count=size.gpu_count,
-            vcpus=size.vcpus,
-            ram_gb=size.ram_gb,
-            storage_gb=size.storage_gb,
-        )
-        offers = rank_hostnodes(snapshot.hostnodes, spec)
+        offers = rank_hostnodes(snapshot.hostnodes, size.spec(model))
 
         expected = offers[0].price_usd_per_hour if offers else None
         assert report.steps[-1].usd_per_hour == expected, model
