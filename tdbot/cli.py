@@ -118,6 +118,16 @@ def rules_validate(path: Path) -> None:
     help="Column to sort by; uptime and ports sort highest first.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option(
+    "--spot-checks",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help=(
+        "With the spot term: how many of the cheapest offers by on-demand price are "
+        "checked for their lowest spot bid, with up to 7 API calls each."
+    ),
+)
 def hostnodes(
     config_path: Path | None,
     spec: str,
@@ -129,17 +139,20 @@ def hostnodes(
     limit: int,
     sort: str,
     as_json: bool,
+    spot_checks: int,
 ) -> None:
     """List hostnodes able to host a deployment, cheapest full price first.
 
     SPEC is a search such as "gpu=4090 count>=2 price<0.8 country in [Canada]"; the
-    options replace the fields they set. docs/rules.md describes the language.
+    options replace the fields they set. docs/rules.md describes the language. With
+    the spot term, the price cap applies to the spot price (bid plus storage), and the
+    search needs TDBOT_API_KEY and TDBOT_API_TOKEN.
     """
     import asyncio
 
     from tdbot.views import show_hostnodes
 
-    settings, _ = _load(config_path)
+    settings, secrets = _load(config_path)
     options = {
         "gpu": list(gpus) or None,
         "gpu_count": gpu_count,
@@ -148,7 +161,17 @@ def hostnodes(
         "storage_gb": storage_gb,
     }
     overrides = {name: value for name, value in options.items() if value is not None}
-    result = show_hostnodes(settings, spec, overrides, limit, as_json, sys.stdout, sort)
+    result = show_hostnodes(
+        settings,
+        spec,
+        overrides,
+        limit,
+        as_json,
+        sys.stdout,
+        sort,
+        secrets=secrets,
+        spot_checks=spot_checks,
+    )
     sys.exit(asyncio.run(result))
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pydantic import ValidationError
 
@@ -20,10 +20,15 @@ from tdbot.tensordock.client import TensorDockClient
 from tdbot.tensordock.errors import TensorDockError
 from tdbot.tensordock.models import Hostnode
 
+if TYPE_CHECKING:
+    from tdbot.actions.spot_bids import SpotCheck
+
 # Layout of the GPU model list in the error for a model no hostnode offers.
 GPU_MODELS_PER_LINE = 4
 # Lowest difflib similarity ratio at which a model id is suggested for a misspelt one.
 GPU_SUGGESTION_CUTOFF = 0.5
+# Offers that `tdbot hostnodes` with the spot term checks for spot bids by default.
+DEFAULT_SPOT_CHECKS = 10
 
 
 def _client(settings: Settings, secrets: Secrets | None) -> TensorDockClient:
@@ -89,23 +94,35 @@ async def show_hostnodes(
     as_json: bool,
     out: TextIO,
     sort: str = "price",
+    *,
+    secrets: Secrets | None = None,
+    spot_checks: int = DEFAULT_SPOT_CHECKS,
 ) -> int:
-    """Print the cheapest hostnodes for a spec; the hostnode list needs no credentials."""
+    """Print the cheapest hostnodes for a spec.
+
+    The hostnode list needs no credentials. With the `spot` term, the `spot_checks`
+    cheapest offers by on-demand price are checked for spot bids, which needs them.
+    """
     try:
         spec = hostnode_spec(spec_text, overrides)
-        async with _client(settings, None) as client:
+        if spec.spot:
+            secrets = _spot_secrets(secrets)
+        async with _client(settings, secrets if spec.spot else None) as client:
             hostnodes = await client.list_hostnodes()
-        if "gpu" in overrides:
-            # --gpu takes exact model ids, so a near miss gets the list of ids.
-            check_gpu_models_offered(hostnodes.values(), spec.gpu)
-        else:
-            offered = {model for hostnode in hostnodes.values() for model in hostnode.specs.gpu}
-            check_gpu_names(parse_terms(spec_text), offered)
+            if "gpu" in overrides:
+                # --gpu takes exact model ids, so a near miss gets the list of ids.
+                check_gpu_models_offered(hostnodes.values(), spec.gpu)
+            else:
+                offered = {model for node in hostnodes.values() for model in node.specs.gpu}
+                check_gpu_names(parse_terms(spec_text), offered)
+            if spec.spot:
+                checks = await _check_spot_offers(client, hostnodes, spec, spot_checks)
+                return _print_spot_offers(checks, spec, spot_checks, limit, as_json, out, sort)
         offers = rank_hostnodes(hostnodes, spec)
         offers = sorted(offers, key=SORT_KEYS[sort])[:limit]
     except SpecError as error:
         return _error(ValueError(f"invalid spec, {error}\n{error.pointer(spec_text)}"))
-    except (ValueError, ValidationError, TensorDockError) as error:
+    except (ValueError, ValidationError, TensorDockError, ConfigError) as error:
         return _error(error)
 
     if as_json:
@@ -129,6 +146,92 @@ async def show_hostnodes(
     columns = ["hostnode", "GPU", "$/h", "GPU $", "CPU $", "RAM $", "disk $", "ports"]
     _table(f"{len(offers)} cheapest hostnodes", [*columns, "location", "uptime"], rows, out)
     return 0
+
+
+def _spot_secrets(secrets: Secrets | None) -> Secrets:
+    if secrets is None or not secrets.api_key or not secrets.api_token:
+        raise ConfigError(
+            "the spot term needs TensorDock credentials, because spot bids are checked "
+            "with client/spot/validate/new: set TDBOT_API_KEY and TDBOT_API_TOKEN "
+            "(or TDBOT_API_KEY_FILE and TDBOT_API_TOKEN_FILE) in the environment"
+        )
+    return secrets
+
+
+async def _check_spot_offers(
+    client: TensorDockClient, hostnodes: dict[str, Hostnode], spec: HostnodeSpec, count: int
+) -> list[SpotCheck]:
+    """Check the `count` cheapest offers by on-demand price for their lowest spot bid.
+
+    The price cap applies to the spot price (bid plus storage), so the on-demand
+    ranking is taken without it.
+    """
+    # Imported here, because the tdbot.actions package loads the database layer,
+    # which the other views do not need.
+    from tdbot.actions.spot_bids import quote_spot_offers
+
+    uncapped = spec.model_copy(update={"max_usd_per_hour": None})
+    candidates = rank_hostnodes(hostnodes, uncapped)[:count]
+    sys.stderr.write(f"checking spot bids on {len(candidates)} hostnodes…\n")
+    return await quote_spot_offers(client, candidates, ceiling_usd_per_hour=spec.max_usd_per_hour)
+
+
+def _print_spot_offers(
+    checks: list[SpotCheck],
+    spec: HostnodeSpec,
+    check_limit: int,
+    limit: int,
+    as_json: bool,
+    out: TextIO,
+    sort: str,
+) -> int:
+    """Print the offers whose hostnode accepted a spot bid, cheapest spot price first."""
+    from tdbot.actions.spot_bids import accepted_by_total, spot_check_notes
+
+    accepted = accepted_by_total(checks)
+    if sort != "price":
+        accepted = sorted(accepted, key=lambda check: SORT_KEYS[sort](check.offer))
+    accepted = accepted[:limit]
+    unchecked = [check for check in checks if check.error is not None]
+    if as_json:
+        items = [_spot_json(check) for check in [*accepted, *unchecked]]
+        out.write(json.dumps(items, indent=2) + "\n")
+        return 0
+
+    if accepted:
+        rows = [_spot_row(check) for check in accepted]
+        columns = ["hostnode", "GPU", "spot $/h", "bid $/h", "disk $", "on-demand $/h"]
+        title = f"{len(accepted)} cheapest spot offers"
+        _table(title, [*columns, "ports", "location", "uptime"], rows, out)
+    notes = spot_check_notes(
+        checks, spec.max_usd_per_hour, check_limit, limit_hint=" (--spot-checks sets how many)"
+    )
+    for line in notes:
+        out.write(line + "\n")
+    return 0
+
+
+def _spot_row(check: SpotCheck) -> list[str]:
+    offer, quote = check.offer, check.quote
+    assert quote is not None
+    return [
+        offer.hostnode_id,
+        offer.sizing.gpu_model,
+        f"{quote.total_usd_per_hour:.4f}",
+        f"{quote.bid_usd_per_hour:.4f}",
+        f"{quote.storage_usd_per_hour:.4f}",
+        f"{offer.price.total_usd:.4f}",
+        str(len(offer.free_ports)),
+        offer.location,
+        "?" if offer.uptime_percent is None else f"{offer.uptime_percent:.2f}%",
+    ]
+
+
+def _spot_json(check: SpotCheck) -> dict[str, Any]:
+    """Describe an offer with its spot quote, or with the error that left it unchecked."""
+    if check.quote is None:
+        return _offer_json(check.offer) | {"spot": {"error": check.error}}
+    return _offer_json(check.offer) | {"spot": check.quote.to_evidence()}
 
 
 def check_gpu_models_offered(hostnodes: Iterable[Hostnode], requested: list[str]) -> None:

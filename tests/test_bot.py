@@ -803,3 +803,54 @@ async def test_daemon_runs_bot(
     assert "tdbot commands" in replies[0]
     assert api.calls_of("getUpdates")
     assert api.commands
+
+
+# --- spot searches and deploys -------------------------------------------------------------
+
+# A 4090 hostnode in the United States whose 8 vCPU, 32 GB, 100 GB size costs $0.463/h.
+HOST_US_4090 = "0b60f80c-e16a-4cda-a8cd-dbc01cc0512c"
+
+
+async def test_cheapest_spot_under_cap(chat: Chat) -> None:
+    # Bids from 0.188 USD/h win on the US hostnode, whose on-demand price is above the cap.
+    chat.market.set_spot_price(HOST_US_4090, GPU_4090, 0.10)
+
+    text = await chat.reply("/cheapest gpu=4090 vcpus=8 ram=32 storage=100 spot price<0.40")
+
+    assert "Cheapest spot hostnodes for 1x 4090" in text
+    assert "1. $0.19" in text
+    assert f"spot on {HOST_US_4090}" in text
+    assert "on-demand $0.4630/h" in text
+    assert "checked for spot bids." in text
+
+
+async def test_spot_deploy_confirmed_bids(chat: Chat) -> None:
+    chat.market.set_spot_price(HOST_US_4090, GPU_4090, 0.10)
+    rule = CheapestHostnodeRule.model_validate(
+        {
+            "name": "spot-4090",
+            "kind": "cheapest_hostnode",
+            "every": "10m",
+            "match": f"gpu={GPU_4090} vcpus=8 ram=32 storage=100 country='United States' spot",
+            "deploy": {"enabled": True, "max_usd_per_hour": 0.50, "confirm": True},
+        }
+    )
+    chat.daemon.rules.append(rule)
+    chat.daemon.snapshots.parts = ALL_PARTS
+    result = await chat.daemon.engine.run_rule(rule)
+    sent = len(chat.api.messages)
+    await chat.bot.on_tick(rule, result)
+    question_text = await chat.next_message(sent)
+    question = chat.api.messages[sent]
+
+    sent = len(chat.api.messages)
+    await chat.press(question, "Confirm")
+    outcome = await chat.next_message(sent)
+
+    assert question_text.startswith(
+        f"⚠️ Deploy spot-4090-1 on hostnode {HOST_US_4090} (spot, bid up to $0.4580/h)"
+    )
+    assert outcome.startswith("ℹ️ Done: deployed spot-4090-1 (spot, bid $0.1"), outcome
+    [vm] = [vm for vm in chat.market.vms.values() if vm.name == "spot-4090-1"]
+    assert vm.is_spot
+    assert 0.188 <= vm.compute_price < 0.20

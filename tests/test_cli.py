@@ -451,3 +451,88 @@ async def test_simulator_command_seeds_account(tmp_path: Path) -> None:
     assert balance.code == 0, balance.output
     # The seeded VMs are billed by the real clock while the commands run.
     assert json.loads(balance.stdout)["balance_usd"] == pytest.approx(250.0, abs=0.5)
+
+
+# --- spot searches -------------------------------------------------------------------
+
+# A 4090 hostnode in the United States whose SPEC_4090 costs $0.463/h on demand.
+HOST_US_4090 = "0b60f80c-e16a-4cda-a8cd-dbc01cc0512c"
+# A 4090 hostnode in the Netherlands whose SPEC_4090 costs $0.459/h on demand.
+HOST_NL_4090 = "b9ee75b9-b341-4482-a250-86597475ffae"
+# On demand, SPEC_4090 costs at least $0.423/h on every hostnode.
+SPEC_4090 = "gpu=4090 vcpus=8 ram=32 storage=100"
+
+
+async def test_hostnodes_spot_under_cap(
+    tmp_path: Path, market: SimulatedMarket, simulator: SimulatorServer
+) -> None:
+    # Bids from 0.188 USD/h win on the US hostnode; the Dutch one takes none under 1.
+    market.set_spot_price(HOST_US_4090, GPU_4090, 0.10)
+    market.set_spot_price(HOST_NL_4090, GPU_4090, 1.0)
+    config = write_config(tmp_path, simulator.api_url)
+
+    result = await run_tdbot(
+        "hostnodes",
+        f"{SPEC_4090} spot price<0.40",
+        "--spot-checks",
+        "3",
+        "--config",
+        str(config),
+        environ=clean_environment(**credentials()),
+    )
+
+    assert result.code == 0, result.output
+    assert "checking spot bids on 3 hostnodes…" in result.stderr
+    # The table wraps the hostnode id, so its row is found by the id's start.
+    row = next(line for line in result.stdout.splitlines() if HOST_US_4090[:24] in line)
+    cells = [cell.strip() for cell in row.split("│") if cell.strip()]
+    spot_total, bid, on_demand = float(cells[2]), float(cells[3]), float(cells[5])
+    assert spot_total < 0.40
+    assert 0.188 <= bid < 0.40
+    assert on_demand == 0.463
+    assert HOST_NL_4090[:24] not in result.stdout
+    assert "Only the 3 cheapest on-demand offers were checked for spot bids" in result.stdout
+    assert "1 of them rejected every bid" in result.stdout
+
+
+async def test_hostnodes_spot_json_fields(
+    tmp_path: Path, market: SimulatedMarket, simulator: SimulatorServer
+) -> None:
+    market.set_spot_price(HOST_US_4090, GPU_4090, 0.10)
+    config = write_config(tmp_path, simulator.api_url)
+
+    result = await run_tdbot(
+        "hostnodes",
+        f"{SPEC_4090} spot price<0.40",
+        "--json",
+        "--config",
+        str(config),
+        environ=clean_environment(**credentials()),
+    )
+
+    assert result.code == 0, result.output
+    assert "checking spot bids on" in result.stderr
+    offers = json.loads(result.stdout)
+    us = next(offer for offer in offers if offer["hostnode_id"] == HOST_US_4090)
+    spot = us["spot"]
+    assert spot["total_usd_per_hour"] < 0.40
+    assert spot["total_usd_per_hour"] == round(
+        spot["bid_usd_per_hour"] + spot["storage_usd_per_hour"], 6
+    )
+    assert spot["probes"] == 7
+    assert us["price"]["total_usd_per_hour"] == 0.463
+    totals = [offer["spot"]["total_usd_per_hour"] for offer in offers]
+    assert totals == sorted(totals)
+    assert offers[0]["hostnode_id"] == HOST_US_4090
+
+
+async def test_hostnodes_spot_needs_credentials(tmp_path: Path, simulator: SimulatorServer) -> None:
+    config = write_config(tmp_path, simulator.api_url)
+
+    result = await run_tdbot("hostnodes", f"{SPEC_4090} spot", "--config", str(config))
+
+    assert result.code == 1
+    assert result.stdout == ""
+    assert "the spot term needs TensorDock credentials" in result.stderr
+    assert "TDBOT_API_KEY" in result.stderr
+    assert "Traceback" not in result.output

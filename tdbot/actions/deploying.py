@@ -4,6 +4,11 @@ response is lost.
 The deploy endpoint has no idempotency key, so a deploy whose response was lost is
 never sent again. The VM is looked for by its intended name instead; if it does not
 show up, the action stays `unknown` for a person or the next reconciliation to settle.
+
+A spot deploy first finds the lowest bid the hostnode accepts with
+`tdbot.actions.spot_bids.lowest_spot_bid`, within the decision's price cap. Each
+validation call is noted in the journal, and nothing is deployed when every bid up to
+the cap is rejected.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import secrets
 from tdbot.actions.journal import JournalEntry
 from tdbot.actions.outcome import ActionOutcome, OutcomeStatus
 from tdbot.actions.readback import read_back
+from tdbot.actions.spot_bids import VALIDATE_ENDPOINT, lowest_spot_bid
+from tdbot.evaluation.cheapest import spot_bid_ceiling
 from tdbot.evaluation.model import Deploy
-from tdbot.evaluation.pricing import Sizing, full_price, round_up_to_even
+from tdbot.evaluation.pricing import Offer, Sizing, full_price, round_up_to_even
 from tdbot.store.db import Store
 from tdbot.store.tables import ActionState
 from tdbot.tensordock.client import TensorDockClient
@@ -86,9 +93,18 @@ class DeployRunner:
             return await self._fail(decision, entry, request_or_reason)
         request = request_or_reason
 
-        # 3. Send the deploy once: neither this runner nor the client resends it.
-        ports = {"external_ports": request.external_ports, "vcpus": request.vcpus}
-        await entry.mark(ActionState.SENT, result=ports)
+        # 3. A spot VM bids the lowest price the hostnode accepts now, within the cap.
+        if decision.spot:
+            bid_or_reason = await self._find_spot_bid(decision, hostnode, request, entry)
+            if isinstance(bid_or_reason, str):
+                return await self._fail(decision, entry, bid_or_reason)
+            request = request.model_copy(update={"spot_bid_usd_per_hour": bid_or_reason})
+
+        # 4. Send the deploy once: neither this runner nor the client resends it.
+        sent: dict[str, object] = {"external_ports": request.external_ports, "vcpus": request.vcpus}
+        if request.spot_bid_usd_per_hour is not None:
+            sent["spot_bid_usd_per_hour"] = request.spot_bid_usd_per_hour
+        await entry.mark(ActionState.SENT, result=sent)
         try:
             result = await self.client.deploy_vm(request)
         except (TransportError, MalformedResponseError) as error:
@@ -99,16 +115,18 @@ class DeployRunner:
         except TensorDockError as error:
             entry.note(DEPLOY_ENDPOINT, None, f"{type(error).__name__}: {error}")
             return await self._fail(
-                decision, entry, f"deploy of {decision.vm_name} failed: {error}"
+                decision,
+                entry,
+                f"deploy of {decision.vm_name}{_spot_note(request)} failed: {error}",
             )
         entry.note(DEPLOY_ENDPOINT, result.server, "ok")
 
-        # 4. Count the VM against the rule's cap at once, then read it back.
+        # 5. Count the VM against the rule's cap at once, then read it back.
         vm_id = result.server
         await self.store.add_deployed_vm(rule, vm_id)
         deployed = {"vm_id": vm_id, "ip": result.ip, "port_forwards": result.port_forwards}
         await entry.mark(ActionState.SENT, vm_id=vm_id, result=deployed)
-        return await self._verify(decision, entry, vm_id)
+        return await self._verify(decision, request, entry, vm_id)
 
     def _build_request(self, decision: Deploy, hostnode: Hostnode) -> DeployRequest | str:
         """Return the deploy request, or the reason it must not be sent."""
@@ -135,7 +153,9 @@ class DeployRunner:
                 "nothing was deployed"
             )
         price = full_price(hostnode, sizing).total_usd
-        if price > decision.max_usd_per_hour:
+        # A spot VM pays its bid plus storage, and the bid search keeps that sum within
+        # the cap, so only an on-demand VM is checked against the on-demand price.
+        if not decision.spot and price > decision.max_usd_per_hour:
             return (
                 f"the price on hostnode {hostnode.id} is now ${price:.4f}/h, above the cap "
                 f"${decision.max_usd_per_hour:.4f}/h; nothing was deployed"
@@ -159,7 +179,56 @@ class DeployRunner:
             cloudinit_script=decision.cloudinit_script,
         )
 
-    async def _verify(self, decision: Deploy, entry: JournalEntry, vm_id: str) -> ActionOutcome:
+    async def _find_spot_bid(
+        self, decision: Deploy, hostnode: Hostnode, request: DeployRequest, entry: JournalEntry
+    ) -> float | str:
+        """Return the lowest bid the hostnode accepts for the request, or why there is none."""
+        sizing = Sizing(
+            gpu_model=request.gpu_model,
+            gpu_count=request.gpu_count,
+            vcpus=request.vcpus,
+            ram_gb=request.ram_gb,
+            storage_gb=request.storage_gb,
+        )
+        price = full_price(hostnode, sizing)
+        offer = Offer(
+            hostnode_id=hostnode.id,
+            sizing=sizing,
+            price=price,
+            location=hostnode.location.describe() or "unknown location",
+        )
+
+        def note(bid: float, accepted: bool) -> None:
+            outcome = "accepted" if accepted else "rejected"
+            entry.note(VALIDATE_ENDPOINT, None, f"spot bid ${bid:.6f}/h {outcome}")
+
+        cap = decision.max_usd_per_hour
+        try:
+            quote = await lowest_spot_bid(
+                self.client, offer, ceiling_usd_per_hour=cap, on_probe=note
+            )
+        except TensorDockError as error:
+            entry.note(VALIDATE_ENDPOINT, None, f"{type(error).__name__}: {error}")
+            return (
+                f"spot bids on hostnode {hostnode.id} could not be checked: {error}; "
+                "nothing was deployed"
+            )
+        if quote is not None:
+            return quote.bid_usd_per_hour
+
+        ceiling = spot_bid_ceiling(price, cap)
+        if ceiling <= 0:
+            return (
+                f"storage on hostnode {hostnode.id} costs ${price.storage_usd:.4f}/h, which "
+                f"leaves no room for a spot bid under the cap ${cap:.4f}/h; nothing was deployed"
+            )
+        return (
+            f"hostnode {hostnode.id} refused spot bids up to ${ceiling:.4f}/h; nothing was deployed"
+        )
+
+    async def _verify(
+        self, decision: Deploy, request: DeployRequest, entry: JournalEntry, vm_id: str
+    ) -> ActionOutcome:
         checked = await read_back(
             self.client,
             entry,
@@ -170,10 +239,13 @@ class DeployRunner:
         )
         if checked.reached:
             await entry.mark(ActionState.VERIFIED, result={"status": VmStatus.RUNNING.value})
-            message = f"deployed {decision.vm_name} as VM {vm_id}, Running"
+            message = f"deployed {decision.vm_name}{_spot_note(request)} as VM {vm_id}, Running"
             return ActionOutcome(decision, entry.action_id, OutcomeStatus.DONE, message)
 
-        message = f"deployed {decision.vm_name}, but {checked.describe(vm_id, (VmStatus.RUNNING,))}"
+        message = (
+            f"deployed {decision.vm_name}{_spot_note(request)}, but "
+            f"{checked.describe(vm_id, (VmStatus.RUNNING,))}"
+        )
         if checked.vm is None:
             await entry.mark(ActionState.UNKNOWN, error=message)
             return ActionOutcome(decision, entry.action_id, OutcomeStatus.UNKNOWN, message)
@@ -225,3 +297,10 @@ class DeployRunner:
         await entry.mark(ActionState.FAILED, error=message)
         logger.warning("action %d failed: %s", entry.action_id, message)
         return ActionOutcome(decision, entry.action_id, OutcomeStatus.FAILED, message)
+
+
+def _spot_note(request: DeployRequest) -> str:
+    """Return " (spot, bid $X/h)" for a spot request, or "" for an on-demand one."""
+    if request.spot_bid_usd_per_hour is None:
+        return ""
+    return f" (spot, bid ${request.spot_bid_usd_per_hour:.4f}/h)"

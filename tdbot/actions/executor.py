@@ -471,6 +471,7 @@ def describe_action(decision: Stop | Rebid | Deploy) -> tuple[ActionKind, str, d
             "price_usd_per_hour": decision.price_usd_per_hour,
             "max_usd_per_hour": decision.max_usd_per_hour,
             "max_vms": decision.max_vms,
+            "spot": decision.spot,
             # The script may contain secrets, so the journal records only whether one was sent.
             "cloudinit_script": decision.cloudinit_script is not None,
             "replaces_vm_id": decision.replaces_vm_id,
@@ -486,7 +487,12 @@ def plan_text(decision: Stop | Rebid | Deploy) -> str:
         return f"stop VM {decision.subject} (resources stay reserved and billed)"
     if isinstance(decision, Rebid):
         return f"raise the bid of VM {decision.subject} to ${decision.bid_usd_per_hour:.4f}/h"
-    return (
-        f"deploy {decision.vm_name} ({decision.gpu_count}x {decision.gpu_model}) on hostnode "
-        f"{decision.hostnode_id} at ${decision.price_usd_per_hour:.4f}/h"
-    )
+    vm = f"{decision.vm_name} ({decision.gpu_count}x {decision.gpu_model})"
+    if decision.spot:
+        # The bid is found just before the deploy; bid plus storage stays within the
+        # on-demand price.
+        return (
+            f"deploy {vm} as a spot VM on hostnode {decision.hostnode_id} at the lowest "
+            f"accepted bid, at most the on-demand ${decision.price_usd_per_hour:.4f}/h"
+        )
+    return f"deploy {vm} on hostnode {decision.hostnode_id} at ${decision.price_usd_per_hour:.4f}/h"

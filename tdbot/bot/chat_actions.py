@@ -106,8 +106,7 @@ def ask_start(vm: VirtualMachine, *, snapshot: MarketSnapshot) -> Question:
 def ask_deploy(rule: RuleBase, decision: Deploy) -> Question:
     """Describe a deploy that a rule wants to make and that waits for a confirmation."""
     title = (
-        f"Deploy {decision.vm_name} on hostnode {decision.hostnode_id} "
-        f"({usd_per_hour(decision.price_usd_per_hour)})"
+        f"Deploy {decision.vm_name} on hostnode {decision.hostnode_id} ({_deploy_price(decision)})"
     )
     setting = (
         "redeploy_confirm: true" if isinstance(rule, SpotRebidRule) else "deploy.confirm: true"
@@ -120,6 +119,17 @@ def ask_deploy(rule: RuleBase, decision: Deploy) -> Question:
     params = dataclasses.asdict(decision)
     params["internal_ports"] = list(decision.internal_ports)
     return Question(ActionKind.DEPLOY.value, decision.vm_name, title, lines, params)
+
+
+def _deploy_price(decision: Deploy) -> str:
+    """Describe what the deploy pays: its full price, or for a spot VM the bid it may place."""
+    if not decision.spot:
+        return usd_per_hour(decision.price_usd_per_hour)
+    # The bid is found just before the deploy is sent, so the question shows its limit.
+    max_bid = decision.evidence.get("max_bid_usd_per_hour")
+    if max_bid is None:
+        return f"spot, at most {usd_per_hour(decision.max_usd_per_hour)} with storage"
+    return f"spot, bid up to {usd_per_hour(max_bid)}"
 
 
 # --- carrying out ----------------------------------------------------------------------

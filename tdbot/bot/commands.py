@@ -15,6 +15,7 @@ from datetime import datetime
 from pydantic import ValidationError
 
 from tdbot import history
+from tdbot.actions.spot_bids import quote_spot_offers
 from tdbot.alerts import silence
 from tdbot.bot.access import Allowlist
 from tdbot.bot.arguments import (
@@ -57,7 +58,7 @@ from tdbot.notify.base import Message
 from tdbot.rules.schema import HostnodeSpec, IdleStopRule
 from tdbot.spec import SpecError, parse_terms, spec_fields
 from tdbot.store.tables import ActionRecord, AlertState, DecisionRecord
-from tdbot.tensordock.models import VirtualMachine, VmStatus
+from tdbot.tensordock.models import Hostnode, VirtualMachine, VmStatus
 
 logger = logging.getLogger("tdbot.bot.commands")
 
@@ -71,6 +72,9 @@ PRICES_DEFAULT_DAYS = 30.0
 PRICES_MAX_DAYS = 400.0
 # Telegram's limit on a photo caption, in characters.
 PHOTO_CAPTION_LIMIT = 1024
+# Offers /cheapest with the spot term checks for spot bids, cheapest on-demand first.
+# Each takes up to 7 validation calls, and the reply waits for all of them.
+CHEAPEST_SPOT_CHECKS = 5
 # The spec terms /prices takes after the GPU and days, to size the priced deployment.
 PRICES_SIZE_TERMS = ("count", "vcpus", "ram", "storage")
 _SIZE_TERM_OF_FIELD = {"gpu_count": "count", "ram_gb": "ram", "storage_gb": "storage"}
@@ -98,7 +102,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(
         "cheapest",
         "gpu=MODEL[,MODEL] [count=N] [vcpus=N] [ram=GB] [storage=GB] [price<USD] "
-        "[country=NAME] [top=N]",
+        "[country=NAME] [spot] [top=N]",
         "cheapest hostnodes for a spec",
     ),
     CommandSpec("rules", "", "rules with schedule and pause state"),
@@ -270,9 +274,30 @@ class Commands:
             return _load_failed(snapshot, "hostnodes", "hostnode list")
         offered = {model for node in snapshot.hostnodes.values() for model in node.specs.gpu}
         check_gpu_names_offered(request.text, offered)
+        if spec.spot:
+            return await self._cheapest_spot(spec, top, snapshot.hostnodes)
         offers = rank_hostnodes(snapshot.hostnodes, spec)[:top]
         rejections = {} if offers else count_rejections(snapshot.hostnodes, spec)
         return cheapest_message(spec, offers, rejections)
+
+    async def _cheapest_spot(
+        self, spec: HostnodeSpec, top: int, hostnodes: dict[str, Hostnode]
+    ) -> Message:
+        """Check the cheapest on-demand offers for spot bids and list the accepted ones.
+
+        The price cap applies to the spot price (bid plus storage), so the on-demand
+        ranking is taken without it.
+        """
+        uncapped = spec.model_copy(update={"max_usd_per_hour": None})
+        candidates = rank_hostnodes(hostnodes, uncapped)[:CHEAPEST_SPOT_CHECKS]
+        if not candidates:
+            return cheapest_message(spec, [], count_rejections(hostnodes, uncapped))
+        checks = await quote_spot_offers(
+            self._daemon.client, candidates, ceiling_usd_per_hour=spec.max_usd_per_hour
+        )
+        return cheapest_message(
+            spec, [], {}, spot_checks=checks, spot_check_limit=CHEAPEST_SPOT_CHECKS, top=top
+        )
 
     async def _snapshot(self, parts: frozenset[str]) -> MarketSnapshot:
         return await fresh_snapshot(self._daemon.client, self._daemon.clock, parts)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from tdbot.actions.spot_bids import SpotCheck, accepted_by_total, spot_check_notes
 from tdbot.alerts.messages import format_duration
+from tdbot.bot.arguments import DEFAULT_TOP
 from tdbot.daemon.engine import TickResult
 from tdbot.evaluation.burn import burn_rate, vm_hourly_cost
 from tdbot.evaluation.idle import Verdict
@@ -278,11 +280,24 @@ def _burn_parts(
 
 
 def cheapest_message(
-    spec: HostnodeSpec, offers: Sequence[Offer], rejections: Mapping[str, int]
+    spec: HostnodeSpec,
+    offers: Sequence[Offer],
+    rejections: Mapping[str, int],
+    *,
+    spot_checks: Sequence[SpotCheck] | None = None,
+    spot_check_limit: int = 0,
+    top: int = DEFAULT_TOP,
 ) -> Message:
-    """List the cheapest offers with their price split, or why no hostnode fits."""
+    """List the cheapest offers with their price split, or why no hostnode fits.
+
+    With `spot_checks`, the reply lists the `top` offers whose hostnode accepted a spot
+    bid, cheapest spot price first, and names the offers that were rejected or unchecked.
+    `spot_check_limit` is how many offers the search would have checked at most.
+    """
     title = f"Cheapest hostnodes for {spec.gpu_count}x {', '.join(spec.gpu)}"
-    if not offers:
+    if spot_checks:
+        title = f"Cheapest spot hostnodes for {spec.gpu_count}x {', '.join(spec.gpu)}"
+    if not offers and not spot_checks:
         reasons = ", ".join(f"{reason}: {count}" for reason, count in rejections.items())
         return Message(
             title=title, lines=(f"No hostnode can host this spec ({reasons or 'none listed'}).",)
@@ -291,9 +306,34 @@ def cheapest_message(
         f"{spec.vcpus} vCPUs, {spec.ram_gb} GB RAM, {spec.storage_gb} GB storage"
         + (f", in {', '.join(spec.countries)}" if spec.countries else "")
     ]
+    if spot_checks:
+        lines.extend(_spot_lines(spec, spot_checks, spot_check_limit, top))
     for rank, offer in enumerate(offers, start=1):
         lines.extend(_offer_lines(rank, offer))
     return Message(title=title, lines=tuple(lines))
+
+
+def _spot_lines(
+    spec: HostnodeSpec, checks: Sequence[SpotCheck], check_limit: int, top: int
+) -> list[str]:
+    accepted = accepted_by_total(checks)[:top]
+    lines: list[str] = []
+    for rank, check in enumerate(accepted, start=1):
+        offer, quote = check.offer, check.quote
+        assert quote is not None
+        uptime = "unknown" if offer.uptime_percent is None else f"{offer.uptime_percent:.2f}%"
+        lines.append(
+            f"{rank}. {usd_per_hour(quote.total_usd_per_hour)} spot on {offer.hostnode_id} "
+            f"({offer.location}, uptime {uptime})"
+        )
+        lines.append(
+            f"   {offer.sizing.gpu_count}x {offer.sizing.gpu_model}: bid "
+            f"{usd_per_hour(quote.bid_usd_per_hour)} + {offer.sizing.storage_gb} GB storage "
+            f"${quote.storage_usd_per_hour:.4f}; on-demand {usd_per_hour(offer.price.total_usd)}"
+        )
+
+    lines.extend(spot_check_notes(checks, spec.max_usd_per_hour, check_limit))
+    return lines
 
 
 def _offer_lines(rank: int, offer: Offer) -> list[str]:

@@ -15,6 +15,7 @@ Alert subjects of this rule kind:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -33,6 +34,7 @@ from tdbot.evaluation.model import (
 from tdbot.evaluation.pricing import (
     PRICE_DECIMALS,
     Offer,
+    PriceBreakdown,
     count_rejections,
     rank_hostnodes,
 )
@@ -113,6 +115,22 @@ def ports_needed(rule: CheapestHostnodeRule) -> int:
     if rule.deploy is not None and rule.deploy.enabled:
         return max(1, len(rule.deploy.internal_ports))
     return 1
+
+
+def spot_bid_ceiling(price: PriceBreakdown, max_usd_per_hour: float | None) -> float:
+    """Return the highest spot bid worth placing for a deployment, in USD per hour.
+
+    A bid covers compute only (GPUs, vCPUs and RAM) and storage is billed on top, so the
+    bid stays under the on-demand compute price and under the cap minus storage. It is
+    rounded down to PRICE_DECIMALS so that the bid plus storage never exceeds the cap,
+    and is 0 when storage alone reaches the cap.
+    """
+    compute = price.gpu_usd + price.cpu_usd + price.ram_usd
+    if max_usd_per_hour is not None:
+        compute = min(compute, max_usd_per_hour - price.storage_usd)
+    # The small addend keeps a float such as 0.458 (0.45799999...) from losing a unit.
+    scale = 10.0**PRICE_DECIMALS
+    return max(math.floor(compute * scale + 1e-6) / scale, 0.0)
 
 
 def _no_offers(
@@ -323,21 +341,25 @@ def _make_deploy(
     vm_name: str,
 ) -> Deploy:
     sizing = best.sizing
+    evidence: dict[str, Any] = {
+        "offer": best.to_evidence(),
+        "deployed_vms": deployed,
+        "max_vms": policy.max_vms,
+        "max_usd_per_hour": policy.max_usd_per_hour,
+    }
+    if rule.match.spot:
+        evidence["spot"] = True
+        evidence["max_bid_usd_per_hour"] = spot_bid_ceiling(best.price, policy.max_usd_per_hour)
     return Deploy(
         rule=rule.name,
         subject=best.hostnode_id,
         summary=(
             f"Deploy {vm_name}: {sizing.gpu_count}x {sizing.gpu_model}, {sizing.vcpus} vCPUs, "
             f"{sizing.ram_gb} GB RAM, {sizing.storage_gb} GB storage on {best.hostnode_id} "
-            f"({best.location}) at ${best.price_usd_per_hour:.4f}/h "
+            f"({best.location}) {_deploy_price(rule, policy, best)} "
             f"(cap ${policy.max_usd_per_hour:.4f}/h, VM {deployed + 1} of {policy.max_vms})."
         ),
-        evidence={
-            "offer": best.to_evidence(),
-            "deployed_vms": deployed,
-            "max_vms": policy.max_vms,
-            "max_usd_per_hour": policy.max_usd_per_hour,
-        },
+        evidence=evidence,
         **best.deploy_fields(),
         vm_name=vm_name,
         operating_system=policy.operating_system,
@@ -347,6 +369,18 @@ def _make_deploy(
         max_usd_per_hour=policy.max_usd_per_hour,
         max_vms=policy.max_vms,
         confirm=policy.confirm,
+        spot=rule.match.spot,
+    )
+
+
+def _deploy_price(rule: CheapestHostnodeRule, policy: DeployPolicy, best: Offer) -> str:
+    if not rule.match.spot:
+        return f"at ${best.price_usd_per_hour:.4f}/h"
+    # The bid is found when the deploy is sent, so the summary gives its upper bound.
+    bid = spot_bid_ceiling(best.price, policy.max_usd_per_hour)
+    return (
+        f"as a spot VM, bid up to ${bid:.4f}/h plus ${best.price.storage_usd:.4f}/h storage "
+        f"(on-demand ${best.price_usd_per_hour:.4f}/h)"
     )
 
 

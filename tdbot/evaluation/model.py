@@ -141,7 +141,12 @@ class Report(Decision):
 
 @dataclass(frozen=True)
 class Deploy(Decision):
-    """Deploy a VM on a hostnode at a full hourly price."""
+    """Deploy a VM on a hostnode at a full hourly price.
+
+    With `spot` set, the VM is a spot VM, and the deploy step bids the lowest price the
+    hostnode accepts just before sending. `price_usd_per_hour` is then the on-demand
+    full price, an upper bound of the spot price that the caps are checked against.
+    """
 
     hostnode_id: str = ""
     gpu_model: str = ""
@@ -160,6 +165,7 @@ class Deploy(Decision):
     cloudinit_script: str | None = field(default=None, repr=False)
     # The outbid spot VM this deploy replaces, if any; its ladder records the redeploy.
     replaces_vm_id: str | None = None
+    spot: bool = False
 
     @property
     def spends_or_destroys(self) -> bool:

@@ -1,0 +1,430 @@
+"""Spot bid search and spot deploys: the real client against the simulator on 127.0.0.1.
+
+The simulator accepts a spot bid at or above the GPU clearing price times the GPU
+count plus the on-demand vCPU and RAM prices. A test that sets the clearing price with
+`set_spot_price` can therefore compute the lowest bid the hostnode accepts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tdbot.actions import ActionExecutor, OutcomeStatus
+from tdbot.actions.spot_bids import (
+    VALIDATE_ENDPOINT,
+    SpotCheck,
+    accepted_by_total,
+    lowest_spot_bid,
+    quote_spot_offers,
+    spot_check_notes,
+)
+from tdbot.evaluation.cheapest import evaluate_cheapest, spot_bid_ceiling
+from tdbot.evaluation.model import Deploy, MarketSnapshot, RuleState
+from tdbot.evaluation.pricing import Offer, PriceBreakdown, make_offer, rank_hostnodes
+from tdbot.rules.schema import CheapestHostnodeRule, HostnodeSpec
+from tdbot.simulator.faults import FaultMode
+from tdbot.simulator.market import SimulatedMarket
+from tdbot.simulator.testing import (
+    TEST_API_KEY,
+    TEST_API_TOKEN,
+    make_test_market,
+    running_simulator,
+)
+from tdbot.store.db import Store
+from tdbot.store.tables import ActionState
+from tdbot.tensordock.client import SpotValidation, TensorDockClient
+from tdbot.tensordock.models import VmStatus
+
+GPU_4090 = "geforcertx4090-pcie-24gb"
+# United States, 4090 at $0.37, vCPU $0.003, RAM $0.002/GB, storage $0.00005/GB.
+HOST_US = "0b60f80c-e16a-4cda-a8cd-dbc01cc0512c"
+SPEC = HostnodeSpec(gpu=[GPU_4090], vcpus=8, ram_gb=32, storage_gb=100)
+# On HOST_US, SPEC's compute costs 0.37 + 8 x 0.003 + 32 x 0.002 on demand.
+COMPUTE_US = 0.458
+STORAGE_US = 0.005
+VCPU_AND_RAM_US = 0.088
+SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAItest test@example"
+
+
+@dataclass
+class Env:
+    market: SimulatedMarket
+    client: TensorDockClient
+    store: Store
+    api_url: str
+
+    async def offer(self, hostnode_id: str = HOST_US, spec: HostnodeSpec = SPEC) -> Offer:
+        hostnode = await self.client.get_hostnode(hostnode_id)
+        offer = make_offer(hostnode, GPU_4090, spec)
+        assert offer is not None
+        return offer
+
+    async def snapshot(self) -> MarketSnapshot:
+        return MarketSnapshot(
+            taken_at=self.market.now(),
+            hostnodes=await self.client.list_hostnodes(),
+            vms=await self.client.list_vms(),
+            balance=await self.client.get_balance(),
+        )
+
+    def executor(self) -> ActionExecutor:
+        return ActionExecutor(
+            self.client,
+            self.store,
+            dry_run=False,
+            fleet_max_usd_per_hour=50.0,
+            verify_attempts=3,
+            verify_interval_seconds=0.01,
+        )
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    market = make_test_market()
+    async with running_simulator(market) as server:
+        client = TensorDockClient(
+            TEST_API_KEY,
+            TEST_API_TOKEN,
+            base_url=server.api_url,
+            timeout_seconds=5.0,
+            read_retries=0,
+        )
+        store = await Store.open(tmp_path / "tdbot.db", clock=market.clock.now)
+        try:
+            yield Env(market, client, store, server.api_url)
+        finally:
+            await store.close()
+            await client.aclose()
+
+
+def set_minimum_bid(market: SimulatedMarket, gpu_usd_per_hour: float) -> float:
+    """Set the 4090 clearing price on HOST_US and return the lowest bid SPEC gets there."""
+    market.set_spot_price(HOST_US, GPU_4090, gpu_usd_per_hour)
+    return round(gpu_usd_per_hour + VCPU_AND_RAM_US, 6)
+
+
+def spot_rule(max_usd_per_hour: float) -> CheapestHostnodeRule:
+    return CheapestHostnodeRule.model_validate(
+        {
+            "name": "spot-4090",
+            "kind": "cheapest_hostnode",
+            "every": "10m",
+            "match": {
+                "gpu": [GPU_4090],
+                "vcpus": 8,
+                "ram_gb": 32,
+                "storage_gb": 100,
+                "countries": ["United States"],
+                "spot": True,
+            },
+            "deploy": {
+                "enabled": True,
+                "max_usd_per_hour": max_usd_per_hour,
+                "confirm": False,
+                "ssh_public_key": SSH_KEY,
+            },
+        }
+    )
+
+
+async def spot_deploy(env: Env, rule: CheapestHostnodeRule) -> tuple[Deploy, MarketSnapshot]:
+    snapshot = await env.snapshot()
+    decisions = evaluate_cheapest(rule, snapshot, RuleState(), env.market.now())
+    deploys = [decision for decision in decisions if isinstance(decision, Deploy)]
+    assert len(deploys) == 1, decisions
+    return deploys[0], snapshot
+
+
+# --- bid ceiling -----------------------------------------------------------------------
+
+
+def test_ceiling_is_on_demand_compute() -> None:
+    price = PriceBreakdown(gpu_usd=0.37, cpu_usd=0.024, ram_usd=0.064, storage_usd=0.005)
+
+    assert spot_bid_ceiling(price, None) == COMPUTE_US
+    assert spot_bid_ceiling(price, 1.0) == COMPUTE_US
+
+
+def test_ceiling_leaves_room_for_storage() -> None:
+    price = PriceBreakdown(gpu_usd=0.37, cpu_usd=0.024, ram_usd=0.064, storage_usd=0.005)
+
+    assert spot_bid_ceiling(price, 0.3) == 0.295
+    assert spot_bid_ceiling(price, 0.005) == 0.0
+    assert spot_bid_ceiling(price, 0.001) == 0.0
+
+
+# --- lowest_spot_bid -------------------------------------------------------------------
+
+
+async def test_bisection_finds_clearing_bid(env: Env) -> None:
+    minimum = set_minimum_bid(env.market, 0.15)
+    offer = await env.offer()
+    probes: list[tuple[float, bool]] = []
+
+    quote = await lowest_spot_bid(
+        env.client,
+        offer,
+        ceiling_usd_per_hour=None,
+        bisection_probes=40,
+        precision_usd=0.0001,
+        on_probe=lambda bid, accepted: probes.append((bid, accepted)),
+    )
+
+    assert quote is not None
+    assert minimum <= quote.bid_usd_per_hour < minimum + 0.0001
+    assert probes[0] == (COMPUTE_US, True)
+    assert (quote.bid_usd_per_hour, True) in probes
+    assert quote.probes == len(probes)
+    assert quote.storage_usd_per_hour == pytest.approx(STORAGE_US)
+    assert quote.total_usd_per_hour == round(quote.bid_usd_per_hour + STORAGE_US, 6)
+
+
+async def test_default_bisection_bounded(env: Env) -> None:
+    minimum = set_minimum_bid(env.market, 0.15)
+    offer = await env.offer()
+
+    quote = await lowest_spot_bid(env.client, offer, ceiling_usd_per_hour=None)
+
+    assert quote is not None
+    # Six halvings of the interval from 0 to the ceiling.
+    assert minimum <= quote.bid_usd_per_hour <= minimum + COMPUTE_US / 64
+    assert quote.probes == 7
+
+
+async def test_bisection_stops_at_probe_bound(env: Env) -> None:
+    set_minimum_bid(env.market, 0.15)
+    offer = await env.offer()
+    probes: list[tuple[float, bool]] = []
+
+    quote = await lowest_spot_bid(
+        env.client,
+        offer,
+        ceiling_usd_per_hour=None,
+        bisection_probes=2,
+        on_probe=lambda bid, accepted: probes.append((bid, accepted)),
+    )
+
+    assert quote is not None
+    assert quote.probes == 3
+    assert len(probes) == 3
+    # 0.458 accepted, 0.229 rejected (minimum 0.238), 0.3435 accepted.
+    assert probes == [(0.458, True), (0.229, False), (0.3435, True)]
+    assert quote.bid_usd_per_hour == 0.3435
+
+
+async def test_bisection_stops_at_precision(env: Env) -> None:
+    set_minimum_bid(env.market, 0.15)
+    offer = await env.offer()
+
+    quote = await lowest_spot_bid(
+        env.client, offer, ceiling_usd_per_hour=None, bisection_probes=50, precision_usd=0.05
+    )
+
+    assert quote is not None
+    # 0.458 / 2**4 is the first interval under 0.05, so four probes follow the first.
+    assert quote.probes == 5
+
+
+async def test_rejected_at_ceiling(env: Env) -> None:
+    set_minimum_bid(env.market, 0.40)
+    offer = await env.offer()
+    probes: list[tuple[float, bool]] = []
+
+    quote = await lowest_spot_bid(
+        env.client,
+        offer,
+        ceiling_usd_per_hour=None,
+        on_probe=lambda bid, accepted: probes.append((bid, accepted)),
+    )
+
+    assert quote is None
+    assert probes == [(COMPUTE_US, False)]
+
+
+async def test_cap_lowers_first_probe(env: Env) -> None:
+    minimum = set_minimum_bid(env.market, 0.15)
+    offer = await env.offer()
+    probes: list[tuple[float, bool]] = []
+
+    quote = await lowest_spot_bid(
+        env.client,
+        offer,
+        ceiling_usd_per_hour=0.30,
+        on_probe=lambda bid, accepted: probes.append((bid, accepted)),
+    )
+
+    assert quote is not None
+    assert probes[0] == (0.295, True)
+    assert minimum <= quote.bid_usd_per_hour <= 0.295
+    assert quote.total_usd_per_hour <= 0.30
+
+
+async def test_storage_over_cap_not_probed(env: Env) -> None:
+    offer = await env.offer()
+    probes: list[tuple[float, bool]] = []
+
+    quote = await lowest_spot_bid(
+        env.client,
+        offer,
+        ceiling_usd_per_hour=0.004,
+        on_probe=lambda bid, accepted: probes.append((bid, accepted)),
+    )
+
+    assert quote is None
+    assert probes == []
+
+
+# --- quote_spot_offers -----------------------------------------------------------------
+
+
+class CountingClient(TensorDockClient):
+    """The real client, counting validation calls in flight at the same time."""
+
+    in_flight = 0
+    max_in_flight = 0
+
+    async def validate_spot_new(self, **fields: Any) -> SpotValidation:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            # A short pause lets the other checks start while this call is open.
+            await asyncio.sleep(0.01)
+            return await super().validate_spot_new(**fields)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_quotes_bounded_concurrency(env: Env) -> None:
+    spec = SPEC.model_copy(update={"gpu": ["a100", "4090", "3090", "a6000", "l40s"]})
+    offers = rank_hostnodes(await env.client.list_hostnodes(), spec)[:8]
+    client = CountingClient(TEST_API_KEY, TEST_API_TOKEN, base_url=env.api_url)
+    async with client:
+        checks = await quote_spot_offers(client, offers, ceiling_usd_per_hour=None, concurrency=3)
+
+    assert len(offers) == 8
+    assert [check.offer for check in checks] == offers
+    assert client.max_in_flight == 3
+    assert all(check.quote is not None for check in checks)
+
+
+async def test_quote_error_marks_unchecked(env: Env) -> None:
+    offers = rank_hostnodes(await env.client.list_hostnodes(), SPEC)[:2]
+    env.market.inject_fault(VALIDATE_ENDPOINT, FaultMode.HTTP_500)
+
+    checks = await quote_spot_offers(env.client, offers, ceiling_usd_per_hour=None, concurrency=1)
+
+    assert checks[0].quote is None
+    assert checks[0].error is not None
+    assert "client/spot/validate/new" in checks[0].error
+    assert not checks[0].rejected
+    assert checks[1].quote is not None
+
+
+async def test_rejected_offer_dropped(env: Env) -> None:
+    set_minimum_bid(env.market, 0.40)
+    offers = rank_hostnodes(await env.client.list_hostnodes(), SPEC)
+
+    checks = await quote_spot_offers(env.client, offers, ceiling_usd_per_hour=None)
+    accepted = accepted_by_total(checks)
+
+    rejected = [check for check in checks if check.rejected]
+    assert [check.offer.hostnode_id for check in rejected] == [HOST_US]
+    assert HOST_US not in {check.offer.hostnode_id for check in accepted}
+    totals = [check.quote.total_usd_per_hour for check in accepted if check.quote]
+    assert totals == sorted(totals)
+    assert all(isinstance(check, SpotCheck) for check in accepted)
+
+
+async def test_notes_count_each_outcome(env: Env) -> None:
+    set_minimum_bid(env.market, 0.40)
+    offers = rank_hostnodes(await env.client.list_hostnodes(), SPEC)
+    env.market.inject_fault(VALIDATE_ENDPOINT, FaultMode.HTTP_500)
+
+    # The first validation call fails, and the hostnode in the United States rejects
+    # every bid under the minimum.
+    checks = await quote_spot_offers(env.client, offers, ceiling_usd_per_hour=None, concurrency=1)
+    # A cap under the storage price leaves no room for any bid.
+    checks += await quote_spot_offers(env.client, offers[:1], ceiling_usd_per_hour=0.001)
+    notes = spot_check_notes(checks, 0.5, check_limit=len(checks))
+
+    assert "Only the" in notes[0]
+    assert "1 of them rejected every bid up to the on-demand compute price" in notes[1]
+    assert "or $0.5000/h minus storage, if lower" in notes[1]
+    assert notes[2] == "1 of them cost more in storage alone than the cap."
+    assert notes[3].startswith(f"Not checked: {offers[0].hostnode_id} ")
+
+
+# --- spot deploys ----------------------------------------------------------------------
+
+
+async def test_spot_rule_decides_spot_deploy(env: Env) -> None:
+    decision, _ = await spot_deploy(env, spot_rule(0.50))
+
+    assert decision.spot is True
+    assert decision.hostnode_id == HOST_US
+    assert decision.price_usd_per_hour == 0.463
+    assert decision.evidence["max_bid_usd_per_hour"] == COMPUTE_US
+    assert "as a spot VM, bid up to $0.4580/h" in decision.summary
+
+
+async def test_spot_deploy_at_lowest_bid(env: Env) -> None:
+    minimum = set_minimum_bid(env.market, 0.15)
+    rule = spot_rule(0.50)
+    decision, snapshot = await spot_deploy(env, rule)
+
+    [outcome] = await env.executor().execute(rule, [decision], snapshot, env.market.now())
+
+    assert outcome.status is OutcomeStatus.DONE, outcome.message
+    [vm] = [vm for vm in env.market.vms.values() if vm.name == decision.vm_name]
+    assert vm.is_spot
+    assert vm.status is VmStatus.RUNNING
+    assert minimum <= vm.compute_price <= minimum + COMPUTE_US / 64
+    assert f"(spot, bid ${vm.compute_price:.4f}/h)" in outcome.message
+    assert outcome.action_id is not None
+    row = await env.store.get_action(outcome.action_id)
+    assert row is not None
+    assert row.state == ActionState.VERIFIED
+    assert row.result is not None
+    assert row.result["spot_bid_usd_per_hour"] == vm.compute_price
+    endpoints = [call["endpoint"] for call in row.api_calls]
+    assert endpoints.count(VALIDATE_ENDPOINT) == 7
+    assert endpoints.index(VALIDATE_ENDPOINT) < endpoints.index("client/deploy/single")
+
+
+async def test_spot_deploy_rejected_fails(env: Env) -> None:
+    set_minimum_bid(env.market, 0.40)
+    rule = spot_rule(0.50)
+    decision, snapshot = await spot_deploy(env, rule)
+    vms_before = len(env.market.vms)
+
+    [outcome] = await env.executor().execute(rule, [decision], snapshot, env.market.now())
+
+    assert outcome.status is OutcomeStatus.FAILED
+    assert outcome.message == (
+        f"hostnode {HOST_US} refused spot bids up to $0.4580/h; nothing was deployed"
+    )
+    assert len(env.market.vms) == vms_before
+    assert outcome.action_id is not None
+    row = await env.store.get_action(outcome.action_id)
+    assert row is not None
+    assert row.state == ActionState.FAILED
+    assert [call["endpoint"] for call in row.api_calls].count(VALIDATE_ENDPOINT) == 1
+
+
+async def test_spot_deploy_validation_error_fails(env: Env) -> None:
+    rule = spot_rule(0.50)
+    decision, snapshot = await spot_deploy(env, rule)
+    env.market.inject_fault(VALIDATE_ENDPOINT, FaultMode.HTTP_500)
+
+    [outcome] = await env.executor().execute(rule, [decision], snapshot, env.market.now())
+
+    assert outcome.status is OutcomeStatus.FAILED
+    assert outcome.message.startswith(f"spot bids on hostnode {HOST_US} could not be checked")
+    assert outcome.message.endswith("nothing was deployed")
+    assert not [vm for vm in env.market.vms.values() if vm.name == decision.vm_name]
