@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from tdbot.evaluation.cheapest import ranked_offers
 from tdbot.evaluation.model import MarketSnapshot, RuleState
-from tdbot.evaluation.pricing import PRICE_DECIMALS, Sizing, price_at, size_deployment
+from tdbot.evaluation.pricing import Sizing, price_total, size_deployment
 from tdbot.rules.schema import CheapestHostnodeRule, HostnodeSpec, RuleBase
 from tdbot.spec import gpu_matches, suggest_gpu_models
 from tdbot.store.codec import decode_restrictions
@@ -142,10 +142,9 @@ def point_price(point: PricePoint, size: DeploymentSize) -> float | None:
     sizing = _sizing(point.gpu_model, point.restrictions, size)
     if sizing is None or not _has_room(point, sizing):
         return None
-    price = price_at(
+    return price_total(
         sizing, gpu=point.usd_per_gpu_hour, vcpu=vcpu, ram_gb=ram_gb, storage_gb=storage_gb
     )
-    return round(price.total_usd, PRICE_DECIMALS)
 
 
 # Enough of every resource for any deployment, so that sizing checks only restrictions.

@@ -14,6 +14,8 @@ from tdbot.evaluation.pricing import (
     check_fit,
     count_rejections,
     full_price,
+    price_at,
+    price_total,
     size_deployment,
 )
 from tdbot.rules.schema import HostnodeSpec
@@ -353,3 +355,17 @@ def test_offer_evidence_is_plain_json() -> None:
     assert json.loads(json.dumps(evidence)) == evidence
     assert evidence["hostnode_id"] == TOKYO_4090
     assert evidence["price"]["total_usd_per_hour"] == 0.428
+
+
+def test_price_total_equals_breakdown() -> None:
+    # Every offer of the fixture, so that many float sums are compared exactly.
+    for offer in rank_hostnodes(HOSTNODES, spec(gpu=["4090", "a100", "h100", "3090"])):
+        hostnode = HOSTNODES[offer.hostnode_id]
+        units = {
+            "gpu": hostnode.specs.gpu[offer.gpu_model].price,
+            "vcpu": hostnode.specs.cpu.price,
+            "ram_gb": hostnode.specs.ram.price,
+            "storage_gb": hostnode.specs.storage.price,
+        }
+
+        assert price_total(offer.sizing, **units) == price_at(offer.sizing, **units).total_usd

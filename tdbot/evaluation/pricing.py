@@ -256,6 +256,23 @@ def price_at(
     )
 
 
+def price_total(
+    sizing: Sizing, *, gpu: float, vcpu: float, ram_gb: float, storage_gb: float
+) -> float:
+    """Return `price_at(...).total_usd` without building the breakdown.
+
+    Price history prices every stored row, and the breakdown object costs more than the
+    sum, so this adds the same products in the same order and rounds the same way.
+    """
+    total = (
+        gpu * sizing.gpu_count
+        + vcpu * sizing.vcpus
+        + ram_gb * sizing.ram_gb
+        + storage_gb * sizing.storage_gb
+    )
+    return round(total, PRICE_DECIMALS)
+
+
 def location_matches(hostnode: Hostnode, spec: HostnodeSpec) -> bool:
     """Return True when the hostnode's country and city pass the spec's filters, ignoring case."""
     country, city = hostnode.location.country, hostnode.location.city
