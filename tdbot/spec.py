@@ -29,7 +29,8 @@ SUGGESTION_CUTOFF = 0.5
 PRICE_STEP = 0.000001
 
 _OPERATORS = ("!=", "<=", ">=", "=", "<", ">")
-_WORD = re.compile(r"[A-Za-z0-9_.\-+/]+")
+# \w takes letters of every script, so city=Montréal needs no quotes.
+_WORD = re.compile(r"[\w.\-+/]+")
 _NUMBER = re.compile(r"-?\d+(\.\d+)?")
 _VRAM_SUFFIX = re.compile(r"^(.*?)-?(\d+)gb$")
 
@@ -245,14 +246,54 @@ def _value_token(tokens: list[Token], position: int, end_column: int) -> Token:
 
 
 def spec_fields(terms: Sequence[Term]) -> dict[str, Any]:
-    """Turn terms into HostnodeSpec fields; a field set twice is an error."""
+    """Turn terms into HostnodeSpec fields; a field set twice or out of range is an error."""
     fields: dict[str, Any] = {}
     for term in terms:
         for name, value in _term_fields(term).items():
             if name in fields:
                 raise SpecError(f"{term.field} is set twice; keep one term", term.column)
+            _check_range(term, name, value)
             fields[name] = value
+
+    low, high = fields.get("min_vram_gb"), fields.get("max_vram_gb")
+    if low is not None and high is not None and low > high:
+        vram_terms = [term for term in terms if term.field == "vram"]
+        raise SpecError(
+            f"vram from {low} GB and up to {high} GB leaves no GPU; drop one of the vram terms",
+            vram_terms[-1].column,
+        )
     return fields
+
+
+def _check_range(term: Term, name: str, value: Any) -> None:
+    """Raise SpecError at the value when HostnodeSpec would reject it as out of range.
+
+    The bounds are read from HostnodeSpec itself, so this message and a rule file's
+    validation cannot disagree; the message names the spec term, not the field.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    column = term.value_columns[0] if term.value_columns else term.column
+    written = f"{term.field}{term.operator}{term.values[0]}"
+    if name == "max_usd_per_hour" and value <= 0:
+        raise SpecError(f"{written} leaves no price; give a cap above 0, such as price<0.8", column)
+    low, high = _field_bounds(name)
+    if low is not None and value < low:
+        raise SpecError(f"{written} is out of range: {term.field} must be at least {low}", column)
+    if high is not None and value > high:
+        raise SpecError(f"{written} is out of range: {term.field} must be at most {high}", column)
+
+
+@cache
+def _field_bounds(name: str) -> tuple[float | None, float | None]:
+    """Return the lowest and highest value HostnodeSpec accepts for a numeric field."""
+    from tdbot.rules.schema import HostnodeSpec
+
+    low = high = None
+    for constraint in HostnodeSpec.model_fields[name].metadata:
+        low = getattr(constraint, "ge", low)
+        high = getattr(constraint, "le", high)
+    return low, high
 
 
 def _term_fields(term: Term) -> dict[str, Any]:
