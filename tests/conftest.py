@@ -1,3 +1,3 @@
 """Fixtures shared across test modules."""
 
-pytest_plugins = ["tests.alerting"]
+pytest_plugins = ["tests.alerting", "tests.postgres"]

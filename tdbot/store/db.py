@@ -14,14 +14,26 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, Connection, Engine, delete, event, func, inspect, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    delete,
+    event,
+    func,
+    insert,
+    inspect,
+    text,
+    update,
+)
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import SelectOfScalar
 
+from tdbot.config import ConfigError
 from tdbot.evaluation.model import (
     Decision,
     IdleSample,
@@ -150,9 +162,19 @@ class Store:
             sync_engine: Engine = engine.sync_engine
             event.listen(sync_engine, "connect", _set_sqlite_pragmas)
 
-        async with engine.begin() as connection:
-            await connection.run_sync(SQLModel.metadata.create_all)
-            await connection.run_sync(_add_missing_columns)
+        try:
+            async with engine.begin() as connection:
+                await connection.run_sync(SQLModel.metadata.create_all)
+                await connection.run_sync(_add_missing_columns)
+        except (DatabaseError, OSError) as error:
+            await engine.dispose()
+            shown = url.render_as_string(hide_password=True)
+            reason = getattr(error, "orig", None) or error
+            raise ConfigError(
+                f"cannot use the database {shown}: {reason}. Set daemon.database to a SQLite "
+                "file path or a postgresql+asyncpg:// URL, or move a damaged file aside so "
+                "that tdbot creates a new one"
+            ) from error
         logger.info("store opened: %s", url.render_as_string(hide_password=True))
         return cls(engine, clock=clock)
 
@@ -397,17 +419,19 @@ class Store:
         changed = {key: value for key, value in current.items() if previous.get(key) != value}
         if not changed:
             return 0
-        async with self._sessions() as session:
-            session.add_all(
-                PriceSnapshot(
-                    taken_at=snapshot.taken_at,
-                    hostnode_id=hostnode_id,
-                    gpu_model=gpu_model,
-                    **dict(zip(OFFER_COLUMNS, values, strict=True)),
-                )
-                for (hostnode_id, gpu_model), values in changed.items()
-            )
-            await session.commit()
+        rows = [
+            {
+                "taken_at": snapshot.taken_at,
+                "hostnode_id": hostnode_id,
+                "gpu_model": gpu_model,
+                **dict(zip(OFFER_COLUMNS, values, strict=True)),
+            }
+            for (hostnode_id, gpu_model), values in changed.items()
+        ]
+        # A Core insert of plain rows, because the first snapshot of a large market has
+        # thousands of rows, and ORM objects for them cost seconds and memory.
+        async with self.engine.begin() as connection:
+            await connection.execute(insert(PriceSnapshot), rows)
         previous.update(changed)
         return len(changed)
 
@@ -428,10 +452,14 @@ class Store:
         return self._price_cache
 
     async def price_history_models(self) -> list[str]:
-        """Return the GPU model ids that have stored price history, sorted."""
-        query = select(PriceSnapshot.gpu_model).distinct().order_by(col(PriceSnapshot.gpu_model))
+        """Return the GPU model ids that have stored price history, sorted by code point."""
+        query = select(PriceSnapshot.gpu_model).distinct()
         async with self._sessions() as session:
-            return list((await session.exec(query)).all())
+            models = (await session.exec(query)).all()
+        # Sorted here, because ORDER BY follows the database's collation. An en_US
+        # collation, common on PostgreSQL servers, puts "a_gpu" before "A-gpu", where
+        # SQLite and Python compare code points.
+        return sorted(models)
 
     async def price_history(
         self, gpu_model: str, *, since: datetime, until: datetime | None = None
@@ -444,7 +472,7 @@ class Store:
         query = (
             select(col(PriceSnapshot.taken_at), col(PriceSnapshot.hostnode_id), *_offer_columns())
             .where(PriceSnapshot.gpu_model == gpu_model, PriceSnapshot.taken_at >= since)
-            .order_by(col(PriceSnapshot.taken_at))
+            .order_by(*_STORED_ORDER)
         )
         if until is not None:
             query = query.where(PriceSnapshot.taken_at < until)
@@ -946,7 +974,7 @@ class Store:
         query = (
             select(col(PriceSnapshot.taken_at), col(PriceSnapshot.hostnode_id), *_offer_columns())
             .where(col(PriceSnapshot.id).in_(latest_before))
-            .order_by(col(PriceSnapshot.taken_at))
+            .order_by(*_STORED_ORDER)
         )
         async with self.engine.connect() as connection:
             leading = (await connection.execute(query)).all()
@@ -1090,6 +1118,10 @@ def _current_offers(snapshot: MarketSnapshot) -> dict[tuple[str, str], OfferValu
 
 _AVAILABLE = OFFER_COLUMNS.index("available")
 
+# Oldest first, and rows of the same time in the order they were stored. SQL leaves
+# the order of equal times open, so the id settles it on every backend.
+_STORED_ORDER = (col(PriceSnapshot.taken_at), col(PriceSnapshot.id))
+
 
 def _offer_columns() -> list[Any]:
     return [col(getattr(PriceSnapshot, name)) for name in OFFER_COLUMNS]
@@ -1112,7 +1144,8 @@ def _add_missing_columns(connection: Connection) -> None:
             if not column.nullable:
                 raise RuntimeError(
                     f"table {table.name} lacks the required column {column.name}; "
-                    "move the database file aside so that tdbot creates a new one"
+                    "move the SQLite file aside, or point tdbot at a new PostgreSQL database, "
+                    "so that tdbot creates the tables anew"
                 )
             column_type = column.type.compile(dialect=connection.dialect)
             connection.execute(

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Dialect, Index, UniqueConstraint, text
+from sqlalchemy import JSON, BigInteger, DateTime, Dialect, Index, UniqueConstraint, text
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -260,8 +260,10 @@ class ConfirmationRecord(SQLModel, table=True):
     __table_args__ = (Index("ix_confirmation_open", "action", "subject", "origin"),)
 
     id: str = Field(primary_key=True, max_length=16)
-    chat_id: int | None = None
-    user_id: int | None = None
+    # BIGINT, because the Telegram Bot API says chat and user ids may have up to 52
+    # significant bits, and PostgreSQL's INTEGER has 32. SQLite stores both types alike.
+    chat_id: int | None = Field(default=None, sa_type=BigInteger)
+    user_id: int | None = Field(default=None, sa_type=BigInteger)
     origin: str
     action: str
     subject: str
