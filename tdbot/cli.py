@@ -15,6 +15,9 @@ import click
 if TYPE_CHECKING:
     from tdbot.config import Secrets, Settings
 
+# The longest history `tdbot prices` shows: ten years, far beyond any retention.
+MAX_HISTORY_DAYS = 3650.0
+
 CONFIG_OPTION = click.option(
     "--config",
     "config_path",
@@ -22,6 +25,13 @@ CONFIG_OPTION = click.option(
     envvar="TDBOT_CONFIG",
     help="TOML configuration file (default: none, built-in defaults). Env: TDBOT_CONFIG.",
 )
+
+
+def _finite(_context: click.Context, parameter: click.Parameter, value: float) -> float:
+    # FloatRange lets "nan" through, because every comparison with NaN is false.
+    if value != value:
+        raise click.BadParameter(f"{value} is not a number of days", param=parameter)
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -208,8 +218,9 @@ def balance(config_path: Path | None, as_json: bool) -> None:
     "--days",
     default=30.0,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Days of history to show.",
+    type=click.FloatRange(min=0, max=MAX_HISTORY_DAYS, min_open=True),
+    callback=_finite,
+    help=f"Days of history to show, at most {MAX_HISTORY_DAYS:g}.",
 )
 @click.option("--gpu-count", default=1, show_default=True, type=click.IntRange(1, 8))
 @click.option("--vcpus", default=8, show_default=True, type=click.IntRange(2))
@@ -235,21 +246,29 @@ def prices(
     import asyncio
     from datetime import UTC, datetime
 
-    from tdbot.history import DeploymentSize, show_prices
+    from tdbot.config import ConfigError
+    from tdbot.history import DeploymentSize, missing_database, show_prices
 
     settings, _ = _load(config_path)
+    problem = missing_database(settings.daemon.database)
+    if problem is not None:
+        sys.stderr.write(f"error: {problem}\n")
+        sys.exit(1)
     size = DeploymentSize(gpu_count, vcpus, ram_gb, storage_gb)
-    code = asyncio.run(
-        show_prices(
-            settings.daemon.database,
-            gpu,
-            size,
-            days=days,
-            as_json=as_json,
-            out=sys.stdout,
-            now=datetime.now(UTC),
+    try:
+        code = asyncio.run(
+            show_prices(
+                settings.daemon.database,
+                gpu,
+                size,
+                days=days,
+                as_json=as_json,
+                out=sys.stdout,
+                now=datetime.now(UTC),
+            )
         )
-    )
+    except ConfigError as error:
+        _fail_on_config_error(error)
     sys.exit(code)
 
 

@@ -28,11 +28,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from tdbot.evaluation.cheapest import ranked_offers
 from tdbot.evaluation.model import MarketSnapshot, RuleState
-from tdbot.evaluation.pricing import Sizing, price_total, size_deployment
+from tdbot.evaluation.pricing import Sizing, price_total, round_up_to_even, size_deployment
 from tdbot.rules.schema import CheapestHostnodeRule, HostnodeSpec, RuleBase
 from tdbot.spec import gpu_matches, suggest_gpu_models
 from tdbot.store.codec import decode_restrictions
@@ -79,7 +80,9 @@ class DeploymentSize:
 
     def describe(self) -> str:
         gpus = "1 GPU" if self.gpu_count == 1 else f"{self.gpu_count} GPUs"
-        return f"{gpus}, {self.vcpus} vCPUs, {self.ram_gb} GB RAM, {self.storage_gb} GB storage"
+        # Sizing rounds vCPUs up to even, so the description names what is priced.
+        vcpus = round_up_to_even(self.vcpus)
+        return f"{gpus}, {vcpus} vCPUs, {self.ram_gb} GB RAM, {self.storage_gb} GB storage"
 
 
 def _spec_default(name: str) -> int:
@@ -126,6 +129,9 @@ class PriceReport:
     until: datetime
     steps: list[PriceStep]
     windows: list[WindowStats]
+    # Rows read, and those of them stored before unit prices were kept.
+    rows: int = 0
+    rows_without_unit_prices: int = 0
 
 
 def point_price(point: PricePoint, size: DeploymentSize) -> float | None:
@@ -293,7 +299,8 @@ async def load_report(
     steps = lowest_price_series(points, size, since=since, until=until)
     spans = sorted({*(window for window in windows if window <= days), days})
     stats = [window_stats(steps, until=until, days=span) for span in spans]
-    return PriceReport(gpu_model, size, since, until, steps, stats)
+    unpriced = sum(1 for point in points if point.usd_per_vcpu_hour is None)
+    return PriceReport(gpu_model, size, since, until, steps, stats, len(points), unpriced)
 
 
 async def price_percentile(
@@ -344,6 +351,22 @@ async def show_prices(
     return 0
 
 
+def missing_database(database: str) -> str | None:
+    """Return why a SQLite database cannot hold history because it does not exist, or None.
+
+    Opening a missing file would create an empty database, which a report has no use for.
+    """
+    from tdbot.store.db import database_url
+
+    url = database_url(database)
+    if url.get_backend_name() != "sqlite" or Path(url.database or "").exists():
+        return None
+    return (
+        f"no database at {url.database}; the daemon creates it when it first runs, so run "
+        "it first or set daemon.database in the configuration to the daemon's database"
+    )
+
+
 def resolve_gpu_model(gpu: str, stored_models: Sequence[str]) -> str:
     """Return the stored model id that `gpu` names, or raise ValueError saying what to give.
 
@@ -373,6 +396,12 @@ def has_prices(report: PriceReport) -> bool:
 
 def no_history_message(report: PriceReport, days: float) -> str:
     """Say why a report has no prices and what to do about it."""
+    if report.rows and report.rows == report.rows_without_unit_prices:
+        return (
+            f"the stored rows of {report.gpu_model} hold GPU prices only, from before vCPU, "
+            "RAM and storage prices were stored, so no full price is known; full prices "
+            "appear as the daemon stores new market snapshots"
+        )
     return (
         f"no full price of {report.size.describe()} on {report.gpu_model} in the last "
         f"{days:g} days: no hostnode with stored prices could host that size; try a "

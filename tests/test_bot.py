@@ -364,7 +364,7 @@ async def test_cheapest_usage_errors(chat: Chat) -> None:
     assert "unknown key 'colour'" in unknown_key
     assert "gpu= is required" in no_gpu
     assert bad_count.startswith("⚠️ Usage: /cheapest gpu=MODEL")
-    assert "count:" in bad_count
+    assert "count=99 is out of range: count must be at most 8" in bad_count
 
 
 async def test_long_reply_split_under_limit(chat: Chat) -> None:

@@ -114,8 +114,9 @@ def one_point(**changes: Any) -> PricePoint:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> Any:
-    opened = await Store.open(tmp_path / "tdbot.db")
+async def store(store_url: str) -> Any:
+    # On SQLite and on PostgreSQL (tests/postgres.py), as the store's own tests.
+    opened = await Store.open(store_url)
     yield opened
     await opened.close()
 
@@ -300,6 +301,43 @@ def test_cli_prices_name_and_size(tmp_path: Path) -> None:
     assert "no full price of 1 GPU, 128 vCPUs" in too_big.output
 
 
+def test_cli_prices_bad_days_and_database(tmp_path: Path) -> None:
+    database = tmp_path / "tdbot.db"
+    config = tmp_path / "tdbot.toml"
+    config.write_text(f'[daemon]\ndatabase = "{database}"\n')
+    runner = CliRunner()
+
+    huge = runner.invoke(main, ["prices", MODEL, "--days", "1e9", "--config", str(config)])
+    nan = runner.invoke(main, ["prices", MODEL, "--days", "nan", "--config", str(config)])
+    missing = runner.invoke(main, ["prices", MODEL, "--config", str(config)])
+
+    assert huge.exit_code == 2
+    assert "is not in the range 0<x<=3650" in huge.output
+    assert nan.exit_code == 2
+    assert "nan is not a number of days" in nan.output
+    assert missing.exit_code == 1
+    assert f"no database at {database}" in missing.output
+    # A report reads history; it must not leave an empty database behind.
+    assert not database.exists()
+
+
+async def test_rows_without_unit_prices_explained(store: Store) -> None:
+    # Rows as stored before vCPU, RAM and storage prices were kept.
+    old_columns = {name: None for name in UNITS}
+    await add_rows(store, HISTORY, UNTIL, **old_columns)
+
+    report = await load_report(store, MODEL, days=7, until=UNTIL)
+
+    assert not history.has_prices(report)
+    assert "hold GPU prices only" in history.no_history_message(report, 7)
+
+
+def test_size_describes_even_vcpus() -> None:
+    size = DeploymentSize(gpu_count=2, vcpus=3, ram_gb=16, storage_gb=50)
+
+    assert size.describe() == "2 GPUs, 4 vCPUs, 16 GB RAM, 50 GB storage"
+
+
 async def test_gpu_name_ambiguous(store: Store) -> None:
     await add_rows(store, HISTORY, UNTIL)
     await add_rows(store, HISTORY, UNTIL, model="test-gpu-40gb")
@@ -364,7 +402,7 @@ async def test_bot_prices_usage_errors(chat: Chat) -> None:  # noqa: F811
     assert "Usage: /prices" in no_model
     assert "DAYS must be a number" in bad_days
     assert "No price history is stored yet" in nothing_stored
-    assert "size count: input should be less than or equal to 8" in bad_size
+    assert "size: count=9 is out of range: count must be at most 8" in bad_size
     assert "unknown key 'vcpu'; did you mean 'vcpus'?" in misspelt
 
 
