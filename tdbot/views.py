@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from tdbot.config import ConfigError, Secrets, Settings
 from tdbot.evaluation.burn import burn_rate, vm_hourly_cost
-from tdbot.evaluation.pricing import Offer, rank_hostnodes
+from tdbot.evaluation.pricing import Offer, count_rejections, rank_hostnodes
 from tdbot.rules.schema import HostnodeSpec
 from tdbot.spec import SpecError, check_gpu_names, parse_spec_fields, parse_terms
 from tdbot.tensordock.client import TensorDockClient
@@ -116,7 +116,13 @@ async def show_hostnodes(
                 offered = {model for node in hostnodes.values() for model in node.specs.gpu}
                 check_gpu_names(parse_terms(spec_text), offered)
             if spec.spot:
-                checks = await _check_spot_offers(client, hostnodes, spec, spot_checks)
+                # The price cap applies to the spot price (bid plus storage), so the
+                # on-demand ranking is taken without it.
+                uncapped = spec.model_copy(update={"max_usd_per_hour": None})
+                candidates = rank_hostnodes(hostnodes, uncapped)[:spot_checks]
+                if not candidates:
+                    return _print_no_spot_offers(hostnodes, uncapped, as_json, out)
+                checks = await _check_spot_offers(client, candidates, spec)
                 return _print_spot_offers(checks, spec, spot_checks, limit, as_json, out, sort)
         offers = rank_hostnodes(hostnodes, spec)
         offers = sorted(offers, key=SORT_KEYS[sort])[:limit]
@@ -125,6 +131,10 @@ async def show_hostnodes(
     except (ValueError, ValidationError, TensorDockError, ConfigError) as error:
         return _error(error)
 
+    if not offers:
+        # An empty table gives no reason, and a misspelt country looks the same.
+        for line in explain_no_offers(hostnodes, spec):
+            sys.stderr.write(line + "\n")
     if as_json:
         out.write(json.dumps([_offer_json(offer) for offer in offers], indent=2) + "\n")
         return 0
@@ -148,6 +158,27 @@ async def show_hostnodes(
     return 0
 
 
+def explain_no_offers(hostnodes: dict[str, Hostnode], spec: HostnodeSpec) -> list[str]:
+    """Explain why no hostnode can host a spec, and name countries or cities none is in."""
+    reasons = count_rejections(hostnodes, spec)
+    listed = ", ".join(f"{reason} {count}" for reason, count in reasons.items())
+    lines = [f"No hostnode can host this spec; (hostnode, GPU model) pairs by reason: {listed}."]
+    places = {
+        "country": ({node.location.country for node in hostnodes.values()}, spec.countries),
+        "city": ({node.location.city for node in hostnodes.values()}, spec.cities),
+    }
+    for kind, (known, wanted) in places.items():
+        names = sorted(name for name in known if name)
+        folded = {name.casefold() for name in names}
+        for name in wanted:
+            if name.strip().casefold() in folded:
+                continue
+            close = difflib.get_close_matches(name, names, n=3, cutoff=GPU_SUGGESTION_CUTOFF)
+            hint = f"did you mean {' or '.join(close)}?" if close else "check the spelling"
+            lines.append(f"No hostnode lists the {kind} {name!r}; {hint}")
+    return lines
+
+
 def _spot_secrets(secrets: Secrets | None) -> Secrets:
     if secrets is None or not secrets.api_key or not secrets.api_token:
         raise ConfigError(
@@ -159,21 +190,30 @@ def _spot_secrets(secrets: Secrets | None) -> Secrets:
 
 
 async def _check_spot_offers(
-    client: TensorDockClient, hostnodes: dict[str, Hostnode], spec: HostnodeSpec, count: int
+    client: TensorDockClient, candidates: list[Offer], spec: HostnodeSpec
 ) -> list[SpotCheck]:
-    """Check the `count` cheapest offers by on-demand price for their lowest spot bid.
+    """Check each candidate offer for its lowest spot bid with bid plus storage under the cap.
 
-    The price cap applies to the spot price (bid plus storage), so the on-demand
-    ranking is taken without it.
+    Raises AuthenticationError at the first rejected credentials, so a bad key gives
+    one error and not one per hostnode.
     """
     # Imported here, because the tdbot.actions package loads the database layer,
     # which the other views do not need.
     from tdbot.actions.spot_bids import quote_spot_offers
 
-    uncapped = spec.model_copy(update={"max_usd_per_hour": None})
-    candidates = rank_hostnodes(hostnodes, uncapped)[:count]
     sys.stderr.write(f"checking spot bids on {len(candidates)} hostnodes…\n")
     return await quote_spot_offers(client, candidates, ceiling_usd_per_hour=spec.max_usd_per_hour)
+
+
+def _print_no_spot_offers(
+    hostnodes: dict[str, Hostnode], spec: HostnodeSpec, as_json: bool, out: TextIO
+) -> int:
+    """Say why no hostnode can host the spec, so no spot bid was checked."""
+    for line in explain_no_offers(hostnodes, spec):
+        sys.stderr.write(line + "\n")
+    if as_json:
+        out.write("[]\n")
+    return 0
 
 
 def _print_spot_offers(
@@ -185,18 +225,24 @@ def _print_spot_offers(
     out: TextIO,
     sort: str,
 ) -> int:
-    """Print the offers whose hostnode accepted a spot bid, cheapest spot price first."""
-    from tdbot.actions.spot_bids import accepted_by_total, spot_check_notes
+    """Print the offers whose hostnode accepted a spot bid, cheapest spot price first.
+
+    Returns 1 when an offer could not be checked, because a cheaper spot price may be
+    missing from the list, else 0. The JSON output lists accepted offers only, and the
+    unchecked ones are named on stderr.
+    """
+    from tdbot.actions.spot_bids import accepted_by_total, spot_check_notes, unchecked_notes
 
     accepted = accepted_by_total(checks)
     if sort != "price":
         accepted = sorted(accepted, key=lambda check: SORT_KEYS[sort](check.offer))
     accepted = accepted[:limit]
-    unchecked = [check for check in checks if check.error is not None]
+    code = 1 if any(check.error is not None for check in checks) else 0
     if as_json:
-        items = [_spot_json(check) for check in [*accepted, *unchecked]]
-        out.write(json.dumps(items, indent=2) + "\n")
-        return 0
+        out.write(json.dumps([_spot_json(check) for check in accepted], indent=2) + "\n")
+        for line in unchecked_notes(checks):
+            sys.stderr.write(line + "\n")
+        return code
 
     if accepted:
         rows = [_spot_row(check) for check in accepted]
@@ -208,7 +254,7 @@ def _print_spot_offers(
     )
     for line in notes:
         out.write(line + "\n")
-    return 0
+    return code
 
 
 def _spot_row(check: SpotCheck) -> list[str]:
@@ -228,9 +274,8 @@ def _spot_row(check: SpotCheck) -> list[str]:
 
 
 def _spot_json(check: SpotCheck) -> dict[str, Any]:
-    """Describe an offer with its spot quote, or with the error that left it unchecked."""
-    if check.quote is None:
-        return _offer_json(check.offer) | {"spot": {"error": check.error}}
+    """Describe an accepted offer with its spot quote."""
+    assert check.quote is not None
     return _offer_json(check.offer) | {"spot": check.quote.to_evidence()}
 
 

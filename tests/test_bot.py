@@ -44,6 +44,7 @@ from tdbot.rules.schema import (
     RuleBase,
     SpotRebidRule,
 )
+from tdbot.simulator.faults import FaultMode
 from tdbot.simulator.market import SimulatedMarket
 from tdbot.simulator.testing import (
     TEST_API_KEY,
@@ -824,6 +825,40 @@ async def test_cheapest_spot_under_cap(chat: Chat) -> None:
     assert "checked for spot bids." in text
 
 
+async def test_cheapest_spot_unchecked_note(chat: Chat) -> None:
+    # Every validation call fails, the daemon client's one resend included.
+    chat.market.inject_fault("client/spot/validate/new", FaultMode.HTTP_500, count=100)
+
+    text = await chat.reply("/cheapest gpu=4090 vcpus=8 ram=32 storage=100 spot")
+
+    assert "All 4 offers" not in text
+    assert "No hostnode accepted" not in text
+    assert (
+        "Of the 4 offers that can host the spec, 0 were checked for spot bids and 4 could "
+        "not be checked." in text
+    )
+    assert text.count("Not checked: ") == 4
+    assert "HTTP 500" in text
+
+
+async def test_cheapest_spot_bad_credentials(chat: Chat) -> None:
+    # The hostnode list needs no credentials, so only the spot validation fails with 401.
+    chat.market.api_token = "rotated-token-4c1e77d2"
+
+    text = await chat.reply("/cheapest gpu=4090 vcpus=8 ram=32 storage=100 spot")
+
+    assert text.startswith("⚠️ Spot bids could not be checked")
+    assert "the API key and token were rejected" in text
+    assert "Not checked" not in text
+
+
+async def test_cheapest_spot_no_offers(chat: Chat) -> None:
+    text = await chat.reply("/cheapest gpu=4090 count=8 spot")
+
+    assert "No hostnode can host this spec (" in text
+    assert "checked for spot bids" not in text
+
+
 async def test_spot_deploy_confirmed_bids(chat: Chat) -> None:
     chat.market.set_spot_price(HOST_US_4090, GPU_4090, 0.10)
     rule = CheapestHostnodeRule.model_validate(
@@ -854,3 +889,35 @@ async def test_spot_deploy_confirmed_bids(chat: Chat) -> None:
     [vm] = [vm for vm in chat.market.vms.values() if vm.name == "spot-4090-1"]
     assert vm.is_spot
     assert 0.188 <= vm.compute_price < 0.20
+
+
+async def test_spot_deploy_cap_under_on_demand(chat: Chat) -> None:
+    # The cap is under the on-demand $0.463/h, but bids from 0.188 USD/h plus $0.005/h
+    # storage fit under it.
+    chat.market.set_spot_price(HOST_US_4090, GPU_4090, 0.10)
+    rule = CheapestHostnodeRule.model_validate(
+        {
+            "name": "spot-4090",
+            "kind": "cheapest_hostnode",
+            "every": "10m",
+            "match": f"gpu={GPU_4090} vcpus=8 ram=32 storage=100 country='United States' spot",
+            "deploy": {"enabled": True, "max_usd_per_hour": 0.30, "confirm": True},
+        }
+    )
+    chat.daemon.rules.append(rule)
+    chat.daemon.snapshots.parts = ALL_PARTS
+    result = await chat.daemon.engine.run_rule(rule)
+    sent = len(chat.api.messages)
+    await chat.bot.on_tick(rule, result)
+    question_text = await chat.next_message(sent)
+    question = chat.api.messages[sent]
+
+    sent = len(chat.api.messages)
+    await chat.press(question, "Confirm")
+    outcome = await chat.next_message(sent)
+
+    assert "(spot, bid up to $0.2950/h)" in question_text
+    assert outcome.startswith("ℹ️ Done: deployed spot-4090-1 (spot, bid $0.1"), outcome
+    [vm] = [vm for vm in chat.market.vms.values() if vm.name == "spot-4090-1"]
+    assert vm.is_spot
+    assert vm.compute_price + 0.005 <= 0.30

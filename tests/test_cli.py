@@ -291,6 +291,19 @@ async def test_hostnodes_without_gpu_fails(tmp_path: Path, simulator: SimulatorS
     assert "Traceback" not in result.output
 
 
+async def test_hostnodes_empty_result_explained(tmp_path: Path, simulator: SimulatorServer) -> None:
+    config = write_config(tmp_path, simulator.api_url)
+
+    result = await run_tdbot("hostnodes", "gpu=4090 country=Canda", "--config", str(config))
+
+    assert result.code == 0, result.output
+    assert "No hostnode can host this spec; (hostnode, GPU model) pairs by reason:" in (
+        result.stderr
+    )
+    assert "location" in result.stderr
+    assert "No hostnode lists the country 'Canda'; did you mean Canada" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("gpu", "suggestion"),
     [("nonexistent-gpu", None), ("rtx4090", f"Did you mean {GPU_4090}?")],
@@ -459,6 +472,9 @@ async def test_simulator_command_seeds_account(tmp_path: Path) -> None:
 HOST_US_4090 = "0b60f80c-e16a-4cda-a8cd-dbc01cc0512c"
 # A 4090 hostnode in the Netherlands whose SPEC_4090 costs $0.459/h on demand.
 HOST_NL_4090 = "b9ee75b9-b341-4482-a250-86597475ffae"
+# 4090 hostnodes in Japan and Czechia, where SPEC_4090 costs $0.423/h and $0.551/h.
+HOST_JP_4090 = "58ab3969-87c2-4228-a9ca-0c9fe191f0ef"
+HOST_CZ_4090 = "9cd81ba3-dd17-4a09-81a7-4f0625eb3351"
 # On demand, SPEC_4090 costs at least $0.423/h on every hostnode.
 SPEC_4090 = "gpu=4090 vcpus=8 ram=32 storage=100"
 
@@ -536,3 +552,97 @@ async def test_hostnodes_spot_needs_credentials(tmp_path: Path, simulator: Simul
     assert "the spot term needs TensorDock credentials" in result.stderr
     assert "TDBOT_API_KEY" in result.stderr
     assert "Traceback" not in result.output
+
+
+async def test_hostnodes_spot_bad_credentials(tmp_path: Path, simulator: SimulatorServer) -> None:
+    config = write_config(tmp_path, simulator.api_url)
+    wrong = {"TDBOT_API_KEY": TEST_API_KEY, "TDBOT_API_TOKEN": "wrong-token-7d3e9b84"}
+
+    result = await run_tdbot(
+        "hostnodes",
+        f"{SPEC_4090} spot",
+        "--config",
+        str(config),
+        environ=clean_environment(**wrong),
+    )
+
+    assert result.code == 1
+    assert result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "the API key and token were rejected" in errors[0]
+    assert "Not checked" not in result.output
+    assert "wrong-token-7d3e9b84" not in result.output
+
+
+async def test_hostnodes_spot_unchecked_exits_1(
+    tmp_path: Path, market: SimulatedMarket, simulator: SimulatorServer
+) -> None:
+    market.set_spot_price(HOST_US_4090, GPU_4090, 0.10)
+    # The first validation call fails; the config sets read_retries = 0, so it is not resent.
+    market.inject_fault("client/spot/validate/new", FaultMode.HTTP_500)
+    config = write_config(tmp_path, simulator.api_url)
+
+    result = await run_tdbot(
+        "hostnodes",
+        f"{SPEC_4090} spot",
+        "--config",
+        str(config),
+        environ=clean_environment(**credentials()),
+    )
+
+    assert result.code == 1, result.output
+    assert "All 4 offers" not in result.stdout
+    assert (
+        "Of the 4 offers that can host the spec, 3 were checked for spot bids and 1 could "
+        "not be checked." in result.stdout
+    )
+    unchecked = [line for line in result.stdout.splitlines() if line.startswith("Not checked: ")]
+    assert len(unchecked) == 1
+    assert "HTTP 500" in unchecked[0]
+    assert "cheapest spot offers" in result.stdout
+
+
+async def test_hostnodes_spot_json_accepted_only(
+    tmp_path: Path, market: SimulatedMarket, simulator: SimulatorServer
+) -> None:
+    market.inject_fault("client/spot/validate/new", FaultMode.HTTP_500)
+    config = write_config(tmp_path, simulator.api_url)
+
+    result = await run_tdbot(
+        "hostnodes",
+        f"{SPEC_4090} spot",
+        "--json",
+        "--config",
+        str(config),
+        environ=clean_environment(**credentials()),
+    )
+
+    assert result.code == 1, result.output
+    offers = json.loads(result.stdout)
+    assert len(offers) == 3
+    assert all("total_usd_per_hour" in offer["spot"] for offer in offers)
+    [unchecked] = [line for line in result.stderr.splitlines() if line.startswith("Not checked: ")]
+    listed = {offer["hostnode_id"] for offer in offers}
+    missing = {HOST_US_4090, HOST_NL_4090, HOST_JP_4090, HOST_CZ_4090} - listed
+    assert len(missing) == 1
+    assert unchecked.startswith(f"Not checked: {missing.pop()} ({GPU_4090}): ")
+
+
+async def test_hostnodes_spot_no_offers(
+    tmp_path: Path, market: SimulatedMarket, simulator: SimulatorServer
+) -> None:
+    config = write_config(tmp_path, simulator.api_url)
+
+    result = await run_tdbot(
+        "hostnodes",
+        "gpu=4090 count=8 spot",
+        "--config",
+        str(config),
+        environ=clean_environment(**credentials()),
+    )
+
+    assert result.code == 0, result.output
+    assert "No hostnode can host this spec" in result.stderr
+    assert "checking spot bids" not in result.stderr
+    assert "All 0 offers" not in result.output

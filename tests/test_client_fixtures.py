@@ -568,6 +568,65 @@ async def test_spot_new_odd_vcpus_rejected_locally(api: FakeApi, client: TensorD
     assert api.requests == []
 
 
+async def validate_3090(td: TensorDockClient, bid: float) -> SpotValidation:
+    return await td.validate_spot_new(
+        hostnode_id=JOP_3090,
+        gpu_model="geforcertx3090-pcie-24gb",
+        gpu_count=2,
+        vcpus=8,
+        ram_gb=32,
+        storage_gb=150,
+        price_usd_per_hour=bid,
+    )
+
+
+async def test_spot_new_retried_after_server_error(api: FakeApi, client: TensorDockClient) -> None:
+    api.add(
+        "client/spot/validate/new",
+        fixture("delete_single.internal_error.json", 500),
+        fixture("spot_validate_new.ok.json"),
+    )
+
+    result = await validate_3090(client, 0.3)
+
+    assert result.accepted is True
+    assert len(api.requests) == 2
+
+
+async def test_spot_new_timeout_retried(api: FakeApi, client: TensorDockClient) -> None:
+    api.add("client/spot/validate/new", httpx.ReadTimeout("simulated read timeout"))
+
+    with pytest.raises(ApiTimeoutError) as caught:
+        await validate_3090(client, 0.3)
+
+    assert len(api.requests) == 1 + READ_RETRIES
+    assert "client/spot/validate/new" in str(caught.value)
+    assert "may still have carried out the call" not in str(caught.value)
+
+
+async def test_spot_new_rate_limit_not_rejection(api: FakeApi, client: TensorDockClient) -> None:
+    api.add(
+        "client/spot/validate/new",
+        json_reply({"success": False, "error": "Too many requests"}, 429),
+        fixture("spot_validate_new.too_low.json"),
+    )
+
+    result = await validate_3090(client, 0.3)
+
+    # The 429 is resent, and only the response after it decides whether the bid is accepted.
+    assert result.accepted is False
+    assert len(api.requests) == 2
+
+
+async def test_spot_new_auth_failure_not_retried(api: FakeApi, client: TensorDockClient) -> None:
+    api.add("client/spot/validate/new", fixture("auth_test.bad_credentials.json", 401))
+
+    with pytest.raises(AuthenticationError):
+        await validate_3090(client, 0.3)
+
+    assert len(api.requests) == 1
+
+
 async def test_spot_existing_accepted(api: FakeApi, client: TensorDockClient) -> None:
     api.add("client/spot/validate/existing", fixture("spot_validate_existing.ok.json"))
 
@@ -602,10 +661,12 @@ async def test_spot_existing_auth_failure_raises(api: FakeApi, client: TensorDoc
 async def test_spot_existing_server_error_raises(api: FakeApi, client: TensorDockClient) -> None:
     api.add("client/spot/validate/existing", fixture("delete_single.internal_error.json", 500))
 
-    with pytest.raises(TransportError):
+    with pytest.raises(TransportError) as caught:
         await client.validate_spot_existing(VM_V100, 0.80)
 
     assert len(api.requests) == 1
+    # A re-bid may have changed the VM's price, so the message asks for a check first.
+    assert "may still have carried out the call" in str(caught.value)
 
 
 # --- VM list and details ---------------------------------------------------------------
@@ -1093,6 +1154,8 @@ READ_CALLS: list[tuple[str, ClientCall]] = [
     ("billing/revenue", lambda td: td.get_revenue()),
     ("billing/summary", lambda td: td.get_billing_summary("2024-10")),
     (f"client/container/{CONTAINER}/replicas", lambda td: td.get_container_replicas(CONTAINER)),
+    # A spot validation of a new VM creates and bills nothing, so it is resent like a read.
+    ("client/spot/validate/new", lambda td: validate_3090(td, 0.3)),
 ]
 
 SEND_ONCE_CALLS: list[tuple[str, ClientCall]] = [
@@ -1100,18 +1163,6 @@ SEND_ONCE_CALLS: list[tuple[str, ClientCall]] = [
     ("client/start/single", lambda td: td.start_vm(VM_A4000)),
     ("client/stop/single", lambda td: td.stop_vm(VM_H100)),
     ("client/modify/single", lambda td: td.modify_vm(VM_A6000, vcpus=8)),
-    (
-        "client/spot/validate/new",
-        lambda td: td.validate_spot_new(
-            hostnode_id=JOP_3090,
-            gpu_model="geforcertx3090-pcie-24gb",
-            gpu_count=2,
-            vcpus=8,
-            ram_gb=32,
-            storage_gb=150,
-            price_usd_per_hour=0.3,
-        ),
-    ),
     ("client/spot/validate/existing", lambda td: td.validate_spot_existing(VM_3090, 0.3)),
     ("client/container/deploy", lambda td: td.deploy_container(whisper_container())),
     ("client/container/scale", lambda td: td.scale_container(CONTAINER, 1)),
@@ -1125,10 +1176,11 @@ async def test_reads_retried_on_bad_gateway(
 ) -> None:
     api.add(path, fixture("html_error_page.html", 502))
 
-    with pytest.raises(TransportError):
+    with pytest.raises(TransportError) as caught:
         await call(client)
 
     assert len(api.requests) == 1 + READ_RETRIES
+    assert "may still have carried out the call" not in str(caught.value)
 
 
 @pytest.mark.parametrize(

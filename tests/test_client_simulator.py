@@ -674,6 +674,50 @@ async def test_http_500_stop_not_retried(server: SimulatorServer, market: Simula
     assert market.vms[vm.id].status is VmStatus.RUNNING
 
 
+async def test_bad_gateway_spot_new_retried(
+    server: SimulatorServer, market: SimulatedMarket
+) -> None:
+    market.inject_fault("client/spot/validate/new", FaultMode.HTML_502, count=2)
+
+    async with make_client(server, read_retries=2) as td:
+        validation = await td.validate_spot_new(
+            hostnode_id=LV_4090,
+            gpu_model=RTX_4090,
+            gpu_count=1,
+            vcpus=8,
+            ram_gb=32,
+            storage_gb=200,
+            price_usd_per_hour=SPOT_MINIMUM_USD + 0.01,
+        )
+
+    assert validation.accepted is True
+    assert market.faults.pending() == []
+    assert market.vms == {}
+
+
+async def test_spot_new_error_without_check_advice(
+    server: SimulatorServer, market: SimulatedMarket
+) -> None:
+    market.inject_fault("client/spot/validate/new", FaultMode.HTTP_500, count=2)
+
+    async with make_client(server, read_retries=1) as td:
+        with pytest.raises(TransportError) as caught:
+            await td.validate_spot_new(
+                hostnode_id=LV_4090,
+                gpu_model=RTX_4090,
+                gpu_count=1,
+                vcpus=8,
+                ram_gb=32,
+                storage_gb=200,
+                price_usd_per_hour=SPOT_MINIMUM_USD + 0.01,
+            )
+
+    assert caught.value.status_code == 500
+    assert market.faults.pending() == []
+    # A validation creates nothing, so there is nothing to look for before resending it.
+    assert "read the VM list" not in str(caught.value)
+
+
 async def test_html_502_transport_error(client: TensorDockClient, market: SimulatedMarket) -> None:
     market.inject_fault("client/list", FaultMode.HTML_502)
 

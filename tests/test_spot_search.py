@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tdbot.actions import ActionExecutor, OutcomeStatus
+from tdbot.actions.guards import added_cost_usd_per_hour, check_deploy_caps
 from tdbot.actions.spot_bids import (
     VALIDATE_ENDPOINT,
     SpotCheck,
@@ -25,7 +26,7 @@ from tdbot.actions.spot_bids import (
     spot_check_notes,
 )
 from tdbot.evaluation.cheapest import evaluate_cheapest, spot_bid_ceiling
-from tdbot.evaluation.model import Deploy, MarketSnapshot, RuleState
+from tdbot.evaluation.model import Deploy, MarketSnapshot, Report, RuleState
 from tdbot.evaluation.pricing import Offer, PriceBreakdown, make_offer, rank_hostnodes
 from tdbot.rules.schema import CheapestHostnodeRule, HostnodeSpec
 from tdbot.simulator.faults import FaultMode
@@ -33,17 +34,22 @@ from tdbot.simulator.market import SimulatedMarket
 from tdbot.simulator.testing import (
     TEST_API_KEY,
     TEST_API_TOKEN,
+    TEST_START,
     make_test_market,
     running_simulator,
 )
 from tdbot.store.db import Store
 from tdbot.store.tables import ActionState
 from tdbot.tensordock.client import SpotValidation, TensorDockClient
+from tdbot.tensordock.errors import AuthenticationError
 from tdbot.tensordock.models import VmStatus
 
 GPU_4090 = "geforcertx4090-pcie-24gb"
 # United States, 4090 at $0.37, vCPU $0.003, RAM $0.002/GB, storage $0.00005/GB.
 HOST_US = "0b60f80c-e16a-4cda-a8cd-dbc01cc0512c"
+# The two 4090 hostnodes cheaper on demand: Tokyo at $0.423/h and Eygelshoven at $0.459/h.
+HOST_JP = "58ab3969-87c2-4228-a9ca-0c9fe191f0ef"
+HOST_NL = "b9ee75b9-b341-4482-a250-86597475ffae"
 SPEC = HostnodeSpec(gpu=[GPU_4090], vcpus=8, ram_gb=32, storage_gb=100)
 # On HOST_US, SPEC's compute costs 0.37 + 8 x 0.003 + 32 x 0.002 on demand.
 COMPUTE_US = 0.458
@@ -73,12 +79,12 @@ class Env:
             balance=await self.client.get_balance(),
         )
 
-    def executor(self) -> ActionExecutor:
+    def executor(self, fleet_max_usd_per_hour: float = 50.0) -> ActionExecutor:
         return ActionExecutor(
             self.client,
             self.store,
             dry_run=False,
-            fleet_max_usd_per_hour=50.0,
+            fleet_max_usd_per_hour=fleet_max_usd_per_hour,
             verify_attempts=3,
             verify_interval_seconds=0.01,
         )
@@ -109,7 +115,7 @@ def set_minimum_bid(market: SimulatedMarket, gpu_usd_per_hour: float) -> float:
     return round(gpu_usd_per_hour + VCPU_AND_RAM_US, 6)
 
 
-def spot_rule(max_usd_per_hour: float) -> CheapestHostnodeRule:
+def spot_rule(max_usd_per_hour: float, countries: list[str] | None = None) -> CheapestHostnodeRule:
     return CheapestHostnodeRule.model_validate(
         {
             "name": "spot-4090",
@@ -120,7 +126,7 @@ def spot_rule(max_usd_per_hour: float) -> CheapestHostnodeRule:
                 "vcpus": 8,
                 "ram_gb": 32,
                 "storage_gb": 100,
-                "countries": ["United States"],
+                "countries": ["United States"] if countries is None else countries,
                 "spot": True,
             },
             "deploy": {
@@ -284,8 +290,9 @@ async def test_storage_over_cap_not_probed(env: Env) -> None:
 
 
 class CountingClient(TensorDockClient):
-    """The real client, counting validation calls in flight at the same time."""
+    """The real client, counting validation calls sent, and those in flight at the same time."""
 
+    calls = 0
     in_flight = 0
     max_in_flight = 0
 
@@ -295,6 +302,7 @@ class CountingClient(TensorDockClient):
         try:
             # A short pause lets the other checks start while this call is open.
             await asyncio.sleep(0.01)
+            self.calls += 1
             return await super().validate_spot_new(**fields)
         finally:
             self.in_flight -= 1
@@ -326,6 +334,66 @@ async def test_quote_error_marks_unchecked(env: Env) -> None:
     assert checks[1].quote is not None
 
 
+async def test_quote_auth_error_stops_search(env: Env) -> None:
+    offers = rank_hostnodes(await env.client.list_hostnodes(), SPEC)
+    client = CountingClient(TEST_API_KEY, "wrong-token-7d3e9b84", base_url=env.api_url)
+
+    async with client:
+        with pytest.raises(AuthenticationError) as caught:
+            await quote_spot_offers(client, offers, ceiling_usd_per_hour=None, concurrency=2)
+
+    assert len(offers) > 2
+    assert caught.value.status_code == 401
+    # The first 401 cancels the checks in flight, so no offer past the first two is sent.
+    assert 1 <= client.calls <= 2
+
+
+async def test_notes_all_offers_checked(env: Env) -> None:
+    offers = rank_hostnodes(await env.client.list_hostnodes(), SPEC)
+
+    checks = await quote_spot_offers(env.client, offers, ceiling_usd_per_hour=None)
+    notes = spot_check_notes(checks, None, check_limit=len(checks) + 1)
+
+    assert notes == [f"All {len(checks)} offers that can host the spec were checked for spot bids."]
+
+
+async def test_notes_unchecked_not_all_checked(env: Env) -> None:
+    offers = rank_hostnodes(await env.client.list_hostnodes(), SPEC)
+    env.market.inject_fault(VALIDATE_ENDPOINT, FaultMode.HTTP_500)
+
+    checks = await quote_spot_offers(env.client, offers, ceiling_usd_per_hour=None, concurrency=1)
+    notes = spot_check_notes(checks, None, check_limit=len(checks) + 1)
+
+    assert not [note for note in notes if note.startswith("All ")]
+    assert notes[0] == (
+        f"Of the {len(checks)} offers that can host the spec, {len(checks) - 1} were checked "
+        "for spot bids and 1 could not be checked."
+    )
+    assert notes[1].startswith(f"Not checked: {offers[0].hostnode_id} ({GPU_4090}): ")
+
+
+async def test_notes_none_checked(env: Env) -> None:
+    offers = rank_hostnodes(await env.client.list_hostnodes(), SPEC)[:2]
+    env.market.inject_fault(VALIDATE_ENDPOINT, FaultMode.HTTP_500, count=2)
+
+    checks = await quote_spot_offers(env.client, offers, ceiling_usd_per_hour=None, concurrency=1)
+    notes = spot_check_notes(checks, 0.5, check_limit=2)
+
+    # No validation call succeeded, so no note may claim that a hostnode rejected a bid.
+    assert not [note for note in notes if "accepted" in note]
+    assert notes[0] == (
+        "Of the 2 cheapest on-demand offers, 0 were checked for spot bids and 2 could not "
+        "be checked."
+    )
+    assert len(notes) == 3
+
+
+def test_notes_without_offers() -> None:
+    assert spot_check_notes([], 0.5, check_limit=10) == [
+        "No offer can host the spec, so no spot bid was checked."
+    ]
+
+
 async def test_rejected_offer_dropped(env: Env) -> None:
     set_minimum_bid(env.market, 0.40)
     offers = rank_hostnodes(await env.client.list_hostnodes(), SPEC)
@@ -353,7 +421,10 @@ async def test_notes_count_each_outcome(env: Env) -> None:
     checks += await quote_spot_offers(env.client, offers[:1], ceiling_usd_per_hour=0.001)
     notes = spot_check_notes(checks, 0.5, check_limit=len(checks))
 
-    assert "Only the" in notes[0]
+    assert notes[0] == (
+        f"Of the {len(checks)} cheapest on-demand offers, {len(checks) - 1} were checked "
+        "for spot bids and 1 could not be checked."
+    )
     assert "1 of them rejected every bid up to the on-demand compute price" in notes[1]
     assert "or $0.5000/h minus storage, if lower" in notes[1]
     assert notes[2] == "1 of them cost more in storage alone than the cap."
@@ -407,7 +478,7 @@ async def test_spot_deploy_rejected_fails(env: Env) -> None:
 
     assert outcome.status is OutcomeStatus.FAILED
     assert outcome.message == (
-        f"hostnode {HOST_US} refused spot bids up to $0.4580/h; nothing was deployed"
+        f"hostnode {HOST_US} rejected spot bids up to $0.4580/h; nothing was deployed"
     )
     assert len(env.market.vms) == vms_before
     assert outcome.action_id is not None
@@ -428,3 +499,151 @@ async def test_spot_deploy_validation_error_fails(env: Env) -> None:
     assert outcome.message.startswith(f"spot bids on hostnode {HOST_US} could not be checked")
     assert outcome.message.endswith("nothing was deployed")
     assert not [vm for vm in env.market.vms.values() if vm.name == decision.vm_name]
+
+
+async def test_spot_deploy_cap_under_on_demand(env: Env) -> None:
+    # The lowest bid is 0.238, so bid plus storage fits a cap far under the on-demand 0.463.
+    minimum = set_minimum_bid(env.market, 0.15)
+    rule = spot_rule(0.30)
+    decision, snapshot = await spot_deploy(env, rule)
+
+    [outcome] = await env.executor().execute(rule, [decision], snapshot, env.market.now())
+
+    assert decision.price_usd_per_hour == 0.463
+    assert decision.evidence["max_bid_usd_per_hour"] == 0.295
+    assert "bid up to $0.2950/h" in decision.summary
+    assert outcome.status is OutcomeStatus.DONE, outcome.message
+    [vm] = [vm for vm in env.market.vms.values() if vm.name == decision.vm_name]
+    assert vm.is_spot
+    assert minimum <= vm.compute_price <= 0.295
+    assert vm.compute_price + STORAGE_US <= 0.30
+
+
+async def test_spot_deploy_under_cap_rejected(env: Env) -> None:
+    set_minimum_bid(env.market, 0.30)
+    rule = spot_rule(0.30)
+    decision, snapshot = await spot_deploy(env, rule)
+
+    [outcome] = await env.executor().execute(rule, [decision], snapshot, env.market.now())
+
+    assert outcome.status is OutcomeStatus.FAILED
+    assert outcome.message == (
+        f"hostnode {HOST_US} rejected spot bids up to $0.2950/h; nothing was deployed"
+    )
+    assert outcome.action_id is not None
+    row = await env.store.get_action(outcome.action_id)
+    assert row is not None
+    # The probe at the ceiling is rejected, so no bisection follows.
+    assert [call["endpoint"] for call in row.api_calls].count(VALIDATE_ENDPOINT) == 1
+
+
+async def test_spot_storage_over_cap_reports(env: Env) -> None:
+    rule = spot_rule(0.004)
+    snapshot = await env.snapshot()
+
+    decisions = evaluate_cheapest(rule, snapshot, RuleState(), env.market.now())
+
+    assert not [decision for decision in decisions if isinstance(decision, Deploy)]
+    [report] = [decision for decision in decisions if isinstance(decision, Report)]
+    assert report.subject == "deploy"
+    assert report.evidence["reason"] == "storage_over_cap"
+    assert report.evidence["min_storage_usd_per_hour"] == STORAGE_US
+    assert "which leaves no room for a spot bid under the cap $0.0040/h" in report.summary
+
+
+async def test_storage_report_quiet_at_vm_limit(env: Env) -> None:
+    rule = spot_rule(0.004)
+    state = RuleState(deployed_vm_ids=frozenset({"vm-1"}))
+    snapshot = await env.snapshot()
+
+    decisions = evaluate_cheapest(rule, snapshot, state, env.market.now())
+
+    assert rule.deploy is not None
+    assert rule.deploy.max_vms == 1
+    assert not [decision for decision in decisions if isinstance(decision, Report | Deploy)]
+
+
+async def test_spot_deploy_skips_storage_over_cap(env: Env) -> None:
+    # Tokyo stays the cheapest on demand ($0.418/h compute + $0.035/h storage), but its
+    # storage alone is above the cap, so the spot deploy goes to the Dutch hostnode.
+    env.market.hostnode(HOST_JP).storage_price = 0.00035
+    rule = spot_rule(0.03, countries=[])
+    snapshot = await env.snapshot()
+
+    decisions = evaluate_cheapest(rule, snapshot, RuleState(), env.market.now())
+
+    ranking = rank_hostnodes(snapshot.hostnodes or {}, rule.match)
+    assert ranking[0].hostnode_id == HOST_JP
+    [deploy] = [decision for decision in decisions if isinstance(decision, Deploy)]
+    assert deploy.hostnode_id == HOST_NL
+    assert deploy.evidence["max_bid_usd_per_hour"] == 0.025
+
+
+def test_spot_cost_counted_at_cap() -> None:
+    decision = Deploy(
+        rule="spot-4090",
+        subject=HOST_US,
+        summary="",
+        price_usd_per_hour=0.463,
+        max_usd_per_hour=0.30,
+        spot=True,
+    )
+    on_demand = Deploy(
+        rule="cheapest-4090",
+        subject=HOST_US,
+        summary="",
+        price_usd_per_hour=0.463,
+        max_usd_per_hour=0.30,
+    )
+    empty = MarketSnapshot(taken_at=TEST_START, hostnodes={}, vms={}, balance=None)
+
+    assert added_cost_usd_per_hour(decision, empty) == 0.30
+    assert check_deploy_caps(decision, live_vm_count=0) is None
+    assert added_cost_usd_per_hour(on_demand, empty) == 0.463
+    assert check_deploy_caps(on_demand, live_vm_count=0) is not None
+
+
+def test_spot_cost_counted_at_on_demand() -> None:
+    decision = Deploy(
+        rule="spot-4090",
+        subject=HOST_US,
+        summary="",
+        price_usd_per_hour=0.463,
+        max_usd_per_hour=1.0,
+        spot=True,
+    )
+    empty = MarketSnapshot(taken_at=TEST_START, hostnodes={}, vms={}, balance=None)
+
+    assert added_cost_usd_per_hour(decision, empty) == 0.463
+
+
+@pytest.mark.parametrize(("fleet_max", "expected"), [(0.29, "blocked"), (0.31, "done")])
+async def test_fleet_ceiling_counts_spot_cap(env: Env, fleet_max: float, expected: str) -> None:
+    # The bid found would be about 0.24 plus storage, but the guard counts the cap 0.30.
+    set_minimum_bid(env.market, 0.15)
+    rule = spot_rule(0.30)
+    decision, snapshot = await spot_deploy(env, rule)
+
+    [outcome] = await env.executor(fleet_max).execute(rule, [decision], snapshot, env.market.now())
+
+    assert outcome.status == expected, outcome.message
+    if expected == "blocked":
+        assert "the fleet would cost $0.3000/h" in outcome.message
+        assert not [vm for vm in env.market.vms.values() if vm.name == decision.vm_name]
+
+
+async def test_spot_bid_within_decided_price(env: Env) -> None:
+    # Decided at the on-demand $0.463/h with a cap of $1/h.
+    rule = spot_rule(1.0)
+    decision, snapshot = await spot_deploy(env, rule)
+    # Then vCPUs cost $0.01 each: compute is $0.514/h on demand, and the lowest bid
+    # 0.35 + 8 x 0.01 + 32 x 0.002 = $0.494/h is above the decided 0.463 minus storage.
+    env.market.hostnode(HOST_US).cpu_price = 0.01
+    env.market.set_spot_price(HOST_US, GPU_4090, 0.35)
+
+    [outcome] = await env.executor().execute(rule, [decision], snapshot, env.market.now())
+
+    assert outcome.status is OutcomeStatus.FAILED
+    assert outcome.message == (
+        f"hostnode {HOST_US} rejected spot bids up to $0.4580/h; nothing was deployed"
+    )

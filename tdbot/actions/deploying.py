@@ -6,9 +6,10 @@ never sent again. The VM is looked for by its intended name instead; if it does 
 show up, the action stays `unknown` for a person or the next reconciliation to settle.
 
 A spot deploy first finds the lowest bid the hostnode accepts with
-`tdbot.actions.spot_bids.lowest_spot_bid`, within the decision's price cap. Each
-validation call is noted in the journal, and nothing is deployed when every bid up to
-the cap is rejected.
+`tdbot.actions.spot_bids.lowest_spot_bid`. Bid plus storage stays within the rule's cap
+and the on-demand full price the decision was made at, which is what the guards counted
+(`tdbot.actions.guards.max_deploy_cost_usd_per_hour`). Each validation call is noted in
+the journal, and nothing is deployed when every bid up to that limit is rejected.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import logging
 import secrets
 
+from tdbot.actions.guards import max_deploy_cost_usd_per_hour
 from tdbot.actions.journal import JournalEntry
 from tdbot.actions.outcome import ActionOutcome, OutcomeStatus
 from tdbot.actions.readback import read_back
@@ -202,10 +204,10 @@ class DeployRunner:
             outcome = "accepted" if accepted else "rejected"
             entry.note(VALIDATE_ENDPOINT, None, f"spot bid ${bid:.6f}/h {outcome}")
 
-        cap = decision.max_usd_per_hour
+        limit = max_deploy_cost_usd_per_hour(decision)
         try:
             quote = await lowest_spot_bid(
-                self.client, offer, ceiling_usd_per_hour=cap, on_probe=note
+                self.client, offer, ceiling_usd_per_hour=limit, on_probe=note
             )
         except TensorDockError as error:
             entry.note(VALIDATE_ENDPOINT, None, f"{type(error).__name__}: {error}")
@@ -216,14 +218,16 @@ class DeployRunner:
         if quote is not None:
             return quote.bid_usd_per_hour
 
-        ceiling = spot_bid_ceiling(price, cap)
+        ceiling = spot_bid_ceiling(price, limit)
         if ceiling <= 0:
             return (
                 f"storage on hostnode {hostnode.id} costs ${price.storage_usd:.4f}/h, which "
-                f"leaves no room for a spot bid under the cap ${cap:.4f}/h; nothing was deployed"
+                f"leaves no room for a spot bid under {_spot_limit(decision, limit)}; "
+                "nothing was deployed"
             )
         return (
-            f"hostnode {hostnode.id} refused spot bids up to ${ceiling:.4f}/h; nothing was deployed"
+            f"hostnode {hostnode.id} rejected spot bids up to ${ceiling:.4f}/h; "
+            "nothing was deployed"
         )
 
     async def _verify(
@@ -304,3 +308,10 @@ def _spot_note(request: DeployRequest) -> str:
     if request.spot_bid_usd_per_hour is None:
         return ""
     return f" (spot, bid ${request.spot_bid_usd_per_hour:.4f}/h)"
+
+
+def _spot_limit(decision: Deploy, limit: float) -> str:
+    """Name the limit of a spot VM's price: the rule's cap or the decided on-demand price."""
+    if limit < decision.max_usd_per_hour:
+        return f"the on-demand price ${limit:.4f}/h the deploy was decided at"
+    return f"the cap ${limit:.4f}/h"

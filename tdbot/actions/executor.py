@@ -489,10 +489,10 @@ def plan_text(decision: Stop | Rebid | Deploy) -> str:
         return f"raise the bid of VM {decision.subject} to ${decision.bid_usd_per_hour:.4f}/h"
     vm = f"{decision.vm_name} ({decision.gpu_count}x {decision.gpu_model})"
     if decision.spot:
-        # The bid is found just before the deploy; bid plus storage stays within the
-        # on-demand price.
+        # The bid is found just before the deploy, within this limit.
+        most = guards.max_deploy_cost_usd_per_hour(decision)
         return (
             f"deploy {vm} as a spot VM on hostnode {decision.hostnode_id} at the lowest "
-            f"accepted bid, at most the on-demand ${decision.price_usd_per_hour:.4f}/h"
+            f"accepted bid, at most ${most:.4f}/h with storage"
         )
     return f"deploy {vm} on hostnode {decision.hostnode_id} at ${decision.price_usd_per_hour:.4f}/h"

@@ -45,13 +45,23 @@ def check_vm_listed(decision: Stop | Rebid, snapshot: MarketSnapshot) -> str | N
     return None
 
 
+def max_deploy_cost_usd_per_hour(decision: Deploy) -> float:
+    """Return the most the deployed VM can cost per hour, the figure every cap checks.
+
+    An on-demand VM costs its full price. A spot VM costs its bid plus storage, which
+    the deploy step keeps within both the rule's cap and the on-demand full price the
+    decision was made at, so it counts at the lower of the two.
+    """
+    if decision.spot:
+        return min(decision.price_usd_per_hour, decision.max_usd_per_hour)
+    return decision.price_usd_per_hour
+
+
 def check_deploy_caps(decision: Deploy, live_vm_count: int) -> str | None:
     """Block a deploy above the rule's price cap or past its VM count."""
-    if decision.price_usd_per_hour > decision.max_usd_per_hour:
-        return (
-            f"the price ${decision.price_usd_per_hour:.4f}/h is above the rule's cap "
-            f"${decision.max_usd_per_hour:.4f}/h"
-        )
+    cost = max_deploy_cost_usd_per_hour(decision)
+    if cost > decision.max_usd_per_hour:
+        return f"the price ${cost:.4f}/h is above the rule's cap ${decision.max_usd_per_hour:.4f}/h"
     if live_vm_count >= decision.max_vms:
         return (
             f"this rule already has {live_vm_count} live or pending VMs, and its limit is "
@@ -117,11 +127,12 @@ def current_burn_usd_per_hour(snapshot: MarketSnapshot) -> float:
 def added_cost_usd_per_hour(decision: Deploy | Rebid, snapshot: MarketSnapshot) -> float:
     """Return what carrying out the decision adds to the hourly spend.
 
-    A deploy adds its full price. A re-bid adds the new bid for an outbid VM, which
-    pays for storage only, and the raise over the current bid for a running one.
+    A deploy adds the most it can cost (`max_deploy_cost_usd_per_hour`). A re-bid adds
+    the new bid for an outbid VM, which pays for storage only, and the raise over the
+    current bid for a running one.
     """
     if isinstance(decision, Deploy):
-        return decision.price_usd_per_hour
+        return max_deploy_cost_usd_per_hour(decision)
     vm = (snapshot.vms or {}).get(decision.subject)
     if vm is not None and vm.status is VmStatus.RUNNING and vm.spot_bid is not None:
         return max(decision.bid_usd_per_hour - vm.spot_bid, 0.0)

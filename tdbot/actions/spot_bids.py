@@ -8,7 +8,7 @@ and storage is billed on top at the on-demand storage price. A bid is never abov
 The search probes the ceiling first. If the hostnode accepts it, the search bisects
 between 0 and the lowest accepted bid with a bounded number of probes, and returns the
 lowest bid the API accepted. Each probe is one validation call, which creates nothing
-and bills nothing.
+and bills nothing, so the client resends it after a transport error like a read.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from tdbot.evaluation.cheapest import spot_bid_ceiling
 from tdbot.evaluation.pricing import PRICE_DECIMALS, Offer
 from tdbot.tensordock.client import TensorDockClient
-from tdbot.tensordock.errors import TensorDockError
+from tdbot.tensordock.errors import AuthenticationError, TensorDockError
 
 logger = logging.getLogger("tdbot.actions.spot_bids")
 
@@ -174,7 +174,9 @@ async def quote_spot_offers(
     """Check each offer for its lowest spot bid, `concurrency` offers at a time.
 
     Returns one SpotCheck per offer, in the order of `offers`. A failed API call marks
-    that offer unchecked with the error and does not stop the others.
+    that offer unchecked with the error and does not stop the others. Rejected
+    credentials are the exception: every other call would fail the same way, so the
+    search stops at once, cancels the checks in flight and raises AuthenticationError.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency is {concurrency}, but at least 1 offer must be checked")
@@ -184,7 +186,13 @@ async def quote_spot_offers(
         async with slots:
             return await _check_offer(client, offer, ceiling_usd_per_hour)
 
-    return list(await asyncio.gather(*(check(offer) for offer in offers)))
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(check(offer)) for offer in offers]
+    except* AuthenticationError as failures:
+        # The first rejection stands for all of them; the others carry the same text.
+        raise failures.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 async def _check_offer(
@@ -193,8 +201,11 @@ async def _check_offer(
     ceiling = spot_bid_ceiling(offer.price, ceiling_usd_per_hour)
     try:
         quote = await lowest_spot_bid(client, offer, ceiling_usd_per_hour=ceiling_usd_per_hour)
+    except AuthenticationError:
+        raise
     except TensorDockError as error:
-        logger.warning("hostnode %s: spot bids not checked: %s", offer.hostnode_id, error)
+        # INFO, not WARNING: the caller reports unchecked offers to the user itself.
+        logger.info("hostnode %s: spot bids not checked: %s", offer.hostnode_id, error)
         return SpotCheck(offer, ceiling, error=str(error))
     return SpotCheck(offer, ceiling, quote=quote)
 
@@ -222,21 +233,20 @@ def spot_check_notes(
 ) -> list[str]:
     """Describe a spot search for a reader: what was checked, rejected and left out.
 
-    `limit_hint` follows the sentence stating that only some offers were checked, such as
-    " (--spot-checks sets how many)".
+    `limit_hint` is appended where the notes state that only some offers were tried, such as
+    " (--spot-checks sets how many)". The last lines are the `unchecked_notes`.
     """
+    if not checks:
+        return ["No offer can host the spec, so no spot bid was checked."]
+
     cap = "" if cap_usd_per_hour is None else _usd(cap_usd_per_hour)
+    unchecked = sum(1 for check in checks if check.error is not None)
     lines = []
-    if not any(check.quote is not None for check in checks):
+    if unchecked < len(checks) and not any(check.quote is not None for check in checks):
         within = f" with a spot price up to {cap}" if cap else ""
-        lines.append(f"No hostnode accepted a spot bid{within}.")
-    if len(checks) < check_limit:
-        lines.append(f"All {len(checks)} offers that can host the spec were checked for spot bids.")
-    else:
-        lines.append(
-            f"Only the {len(checks)} cheapest on-demand offers were checked for spot bids"
-            f"{limit_hint}."
-        )
+        checked = " that was checked" if unchecked else ""
+        lines.append(f"No hostnode{checked} accepted a spot bid{within}.")
+    lines.append(_coverage_note(len(checks), unchecked, check_limit, limit_hint))
 
     # A ceiling of 0 means storage alone reaches the cap, so no bid was sent.
     priced_out = sum(1 for check in checks if check.rejected and check.ceiling_usd_per_hour <= 0)
@@ -248,11 +258,36 @@ def spot_check_notes(
         )
     if priced_out:
         lines.append(f"{priced_out} of them cost more in storage alone than the cap.")
-    for check in checks:
-        if check.error is not None:
-            offer = check.offer
-            lines.append(f"Not checked: {offer.hostnode_id} ({offer.gpu_model}): {check.error}")
+    lines.extend(unchecked_notes(checks))
     return lines
+
+
+def unchecked_notes(checks: Sequence[SpotCheck]) -> list[str]:
+    """Return one "Not checked: HOSTNODE (GPU): ERROR" line per offer whose check failed."""
+    return [
+        f"Not checked: {check.offer.hostnode_id} ({check.offer.gpu_model}): {check.error}"
+        for check in checks
+        if check.error is not None
+    ]
+
+
+def _coverage_note(tried: int, unchecked: int, check_limit: int, limit_hint: str) -> str:
+    """Say how many offers were checked, out of all that can host the spec or the cheapest."""
+    # Fewer checks than the limit means every offer that can host the spec was tried.
+    every_offer = tried < check_limit
+    if not unchecked:
+        if every_offer:
+            return f"All {tried} offers that can host the spec were checked for spot bids."
+        return f"Only the {tried} cheapest on-demand offers were checked for spot bids{limit_hint}."
+
+    if every_offer:
+        scope = f"Of the {tried} offers that can host the spec"
+    else:
+        scope = f"Of the {tried} cheapest on-demand offers{limit_hint}"
+    return (
+        f"{scope}, {tried - unchecked} were checked for spot bids and {unchecked} "
+        "could not be checked."
+    )
 
 
 def _usd(value: float) -> str:

@@ -56,6 +56,7 @@ from tdbot.notify.base import Message
 from tdbot.rules.schema import HostnodeSpec, IdleStopRule
 from tdbot.spec import SpecError, parse_terms, spec_fields
 from tdbot.store.tables import ActionRecord, AlertState, DecisionRecord
+from tdbot.tensordock.errors import AuthenticationError
 from tdbot.tensordock.models import Hostnode, VirtualMachine, VmStatus
 
 logger = logging.getLogger("tdbot.bot.commands")
@@ -289,9 +290,13 @@ class Commands:
         candidates = rank_hostnodes(hostnodes, uncapped)[:CHEAPEST_SPOT_CHECKS]
         if not candidates:
             return cheapest_message(spec, [], count_rejections(hostnodes, uncapped))
-        checks = await quote_spot_offers(
-            self._daemon.client, candidates, ceiling_usd_per_hour=spec.max_usd_per_hour
-        )
+        try:
+            checks = await quote_spot_offers(
+                self._daemon.client, candidates, ceiling_usd_per_hour=spec.max_usd_per_hour
+            )
+        except AuthenticationError as error:
+            logger.warning("/cheapest: spot bids not checked: %s", error)
+            return error_message(f"Spot bids could not be checked: {error}")
         return cheapest_message(
             spec, [], {}, spot_checks=checks, spot_check_limit=CHEAPEST_SPOT_CHECKS, top=top
         )

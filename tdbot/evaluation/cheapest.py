@@ -67,12 +67,11 @@ def evaluate_cheapest(
     if not offers:
         return _no_offers(rule, snapshot, state)
 
-    best = offers[0]
     decisions: list[Decision] = []
     decisions.extend(_threshold_alert(rule, state, offers))
     decisions.extend(_new_best_alert(rule, state, offers))
     decisions.extend(_deal_alert(rule, state, offers))
-    decisions.extend(_deploy(rule, snapshot, state, best))
+    decisions.extend(_deploy(rule, snapshot, state, offers))
     return decisions
 
 
@@ -286,12 +285,16 @@ def _deal_alert(
 
 
 def _deploy(
-    rule: CheapestHostnodeRule, snapshot: MarketSnapshot, state: RuleState, best: Offer
+    rule: CheapestHostnodeRule, snapshot: MarketSnapshot, state: RuleState, offers: list[Offer]
 ) -> list[Decision]:
     policy = rule.deploy
     if policy is None or not policy.enabled:
         return []
-    if best.price_usd_per_hour > policy.max_usd_per_hour:
+    target = _spot_target(rule, policy, offers) if rule.match.spot else offers[0]
+    if isinstance(target, Report):
+        # A rule at its VM count would deploy nothing anyway, so the price is no news.
+        return [target] if len(state.deployed_vm_ids) < policy.max_vms else []
+    if not rule.match.spot and target.price_usd_per_hour > policy.max_usd_per_hour:
         return []
 
     # Without the VM list the live VMs cannot be counted against max_vms, and without the
@@ -313,7 +316,39 @@ def _deploy(
     if deployed >= policy.max_vms:
         return []
     vm_name = free_vm_name(rule, policy, snapshot.vms)
-    return [_make_deploy(rule, policy, best, deployed, vm_name)]
+    return [_make_deploy(rule, policy, target, deployed, vm_name)]
+
+
+def _spot_target(
+    rule: CheapestHostnodeRule, policy: DeployPolicy, offers: list[Offer]
+) -> Offer | Report:
+    """Return the cheapest offer on demand that leaves room for a spot bid under the cap.
+
+    The on-demand price may be above the cap, because a spot VM pays its bid plus
+    storage. Whether the hostnode accepts a bid that low is only known when the deploy
+    step probes it. Returns a Report when storage alone reaches the cap on every offer.
+    """
+    cap = policy.max_usd_per_hour
+    for offer in offers:
+        if spot_bid_ceiling(offer.price, cap) > 0:
+            return offer
+
+    storage = min(offer.price.storage_usd for offer in offers)
+    return Report(
+        rule=rule.name,
+        subject=SUBJECT_DEPLOY,
+        summary=(
+            f"No spot VM was deployed: storage for {_describe_spec(rule)} costs at least "
+            f"${storage:.4f}/h on the {len(offers)} hostnodes that can host it, which leaves "
+            f"no room for a spot bid under the cap ${cap:.4f}/h."
+        ),
+        evidence={
+            "reason": "storage_over_cap",
+            "max_usd_per_hour": cap,
+            "min_storage_usd_per_hour": round(storage, PRICE_DECIMALS),
+            "offers": len(offers),
+        },
+    )
 
 
 def free_vm_name(

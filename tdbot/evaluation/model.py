@@ -145,7 +145,8 @@ class Deploy(Decision):
 
     With `spot` set, the VM is a spot VM, and the deploy step bids the lowest price the
     hostnode accepts just before sending. `price_usd_per_hour` is then the on-demand
-    full price, an upper bound of the spot price that the caps are checked against.
+    full price, and the caps count the VM at the lower of it and `max_usd_per_hour`,
+    the most the bid plus storage may come to (tdbot.actions.guards).
     """
 
     hostnode_id: str = ""

@@ -4,10 +4,10 @@ All of tdbot's traffic to TensorDock goes through `TensorDockClient`. It sends t
 credentials as form fields, parses the JSON envelope on any HTTP status, and turns
 every failure into one class of `tdbot.tensordock.errors`. `classify_failure` maps
 the failures the API reports, and the client's error builders map network failures
-and unreadable bodies. Reads and deletes are retried with exponential backoff.
-Calls that spend money or change a VM (deploy, start, stop, modify, spot
-validation, containers) are sent exactly once, because the API offers no
-idempotency key.
+and unreadable bodies. Reads, deletes and `client/spot/validate/new` (which
+creates nothing) are retried with exponential backoff. Calls that spend money or
+change a VM (deploy, start, stop, modify, `client/spot/validate/existing`,
+containers) are sent exactly once, because the API offers no idempotency key.
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def classify_failure(
         return NotFoundError
     if call.endpoint in _CAPACITY_ENDPOINTS and _CAPACITY_TEXT.search(text):
         return NoCapacityError
-    if call.endpoint in _SPOT_ENDPOINTS and status_code < 500:
+    # A rate limit (429) is no verdict on the bid, so it is classed as a transport error below.
+    if call.endpoint in _SPOT_ENDPOINTS and status_code < 500 and status_code != 429:
         return BidTooLowError
     if status_code >= 500 or status_code == 429:
         return TransportError
@@ -217,9 +218,9 @@ class TensorDockClient:
     """Async client of the TensorDock v0 marketplace API.
 
     Use it as an async context manager or call `aclose()`. `transport` replaces the
-    network, for example with `httpx.MockTransport` in tests. Reads and deletes are
-    sent up to `1 + read_retries` times, waiting `backoff_seconds`, then twice that,
-    and so on up to 30 seconds.
+    network, for example with `httpx.MockTransport` in tests. Reads, deletes and
+    `client/spot/validate/new` are sent up to `1 + read_retries` times, waiting
+    `backoff_seconds`, then twice that, and so on up to 30 seconds.
     """
 
     def __init__(
@@ -408,11 +409,16 @@ class TensorDockClient:
         storage_gb: int,
         price_usd_per_hour: float,
     ) -> SpotValidation:
-        """Ask whether a spot deploy with this bid for the VM's compute would succeed."""
+        """Ask whether a spot deploy with this bid for the VM's compute would succeed.
+
+        The call creates and bills nothing, so it is resent like a read after a
+        transport error, a 5xx response or a timeout.
+        """
         call = ApiCall(
             "client/spot/validate/new",
             subject_kind="hostnode",
             subject_id=hostnode_id,
+            retry=True,
             fields={
                 "hostnode": hostnode_id,
                 "gpu_model": gpu_model,
