@@ -31,6 +31,9 @@ from tdbot.store.tables import PriceSnapshot
 HOSTNODES_PER_MODEL = 20
 HOURS_PER_YEAR = 24 * 365
 MAX_QUERY_SECONDS = 0.1
+# The report rebuilds the full price of every stored row in Python on top of the query,
+# and a chat command or `tdbot prices` still answers at once within this.
+MAX_REPORT_SECONDS = 0.2
 WINDOWS_DAYS = (1, 7, 30, 365)
 REPORT_DAYS = (30, 365)
 INSERT_CHUNK = 20_000
@@ -186,8 +189,8 @@ async def _time_report(
     return Measure(
         f"price report (full price series and statistics), last {days} days",
         f"{ms(elapsed)} ({steps} steps, median of {repeats})",
-        f"< {ms(MAX_QUERY_SECONDS)}",
-        elapsed < MAX_QUERY_SECONDS,
+        f"< {ms(MAX_REPORT_SECONDS)}",
+        elapsed < MAX_REPORT_SECONDS,
     )
 
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from tdbot.evaluation.cheapest import ranked_offers
 from tdbot.evaluation.model import MarketSnapshot, RuleState
@@ -99,9 +99,12 @@ DEFAULT_SIZE = DeploymentSize(
 )
 
 
-@dataclass(frozen=True)
-class PriceStep:
-    """The best available full price from `start` until the next step; None is a gap."""
+class PriceStep(NamedTuple):
+    """The best available full price from `start` until the next step; None is a gap.
+
+    A named tuple, because a year's series has thousands of steps and they are built
+    twice per report.
+    """
 
     start: datetime
     usd_per_hour: float | None
@@ -179,15 +182,18 @@ def _sizing(gpu_model: str, restrictions: str | None, size: DeploymentSize) -> S
 
 def _has_room(point: PricePoint, sizing: Sizing) -> bool:
     """Return whether the point's free units and ports fit the sizing; unknown amounts do not."""
-    needed = (
-        (point.gpus_free, sizing.gpu_count),
-        (point.vcpus_free, sizing.vcpus),
-        (point.ram_gb_free, sizing.ram_gb),
-        (point.storage_gb_free, sizing.storage_gb),
-        # One external port, for SSH, as tdbot.evaluation.pricing requests by default.
-        (point.ports_free, 1),
+    gpus, vcpus, ram_gb = point.gpus_free, point.vcpus_free, point.ram_gb_free
+    storage_gb, ports = point.storage_gb_free, point.ports_free
+    if gpus is None or vcpus is None or ram_gb is None or storage_gb is None or ports is None:
+        return False
+    # One external port, for SSH, as tdbot.evaluation.pricing requests by default.
+    return (
+        gpus >= sizing.gpu_count
+        and vcpus >= sizing.vcpus
+        and ram_gb >= sizing.ram_gb
+        and storage_gb >= sizing.storage_gb
+        and ports >= 1
     )
-    return all(free is not None and free >= amount for free, amount in needed)
 
 
 def lowest_price_series(
@@ -199,13 +205,22 @@ def lowest_price_series(
     set each hostnode's offer at `since`.
     """
     current: dict[str, float | None] = {}
+    lowest: float | None = None
     steps: list[PriceStep] = []
     for taken_at, group in _group_by_time(points):
         for point in group:
-            current[point.hostnode_id] = point_price(point, size)
+            price = point_price(point, size)
+            before = current.get(point.hostnode_id)
+            current[point.hostnode_id] = price
+            # The minimum is searched again only when the hostnode that held it got
+            # dearer or went away, a small share of the changes.
+            if price is not None and (lowest is None or price < lowest):
+                lowest = price
+            elif before is not None and before == lowest and price != before:
+                lowest = _lowest(current.values())
         if taken_at >= until:
             break
-        _append_step(steps, PriceStep(max(taken_at, since), _lowest(current.values())))
+        _append_step(steps, PriceStep(max(taken_at, since), lowest))
     return steps
 
 
