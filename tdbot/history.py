@@ -8,6 +8,9 @@ What is computed, and what is not:
   and restrictions, so a hostnode is sized and priced as `tdbot.evaluation.pricing`
   sizes and prices it now: vCPUs rounded up to even, raised to a restriction's minimum,
   and left out when it has too few free units.
+- A stored price holds until the next change, but only while the daemon was watching:
+  stretches with no market snapshot for over 2 hours (tdbot.store.db.WATCH_GAP), such
+  as a stopped daemon, are gaps.
 - The history covers every location: a rule's country or uptime filters do not apply.
 - Times when no hostnode could host the size are gaps: they count in no statistic.
   Rows stored before the vCPU, RAM and storage prices were kept have no full price,
@@ -48,7 +51,7 @@ from tdbot.tensordock.models import (
 )
 
 if TYPE_CHECKING:
-    from tdbot.store.db import PricePoint, Store
+    from tdbot.store.db import PricePoint, Store, Watch
 
 DEFAULT_WINDOWS_DAYS = (1, 7, 30)
 SPARK_LEVELS = "▁▂▃▄▅▆▇█"
@@ -224,6 +227,33 @@ def lowest_price_series(
     return steps
 
 
+def mask_unwatched(
+    steps: Sequence[PriceStep], watches: Sequence[Watch], *, since: datetime, until: datetime
+) -> list[PriceStep]:
+    """Turn the parts of the series outside every watch into gaps.
+
+    `watches` must be oldest first and must not overlap, as Store.price_watches
+    returns them.
+    """
+    times = {since, *(step.start for step in steps)}
+    for watch in watches:
+        times.update((watch.start, watch.end))
+    masked: list[PriceStep] = []
+    step_index = watch_index = 0
+    # Both lists are in time order, so one pass with an index into each finds, for each
+    # moment, the step in force and the watch that may cover it.
+    for moment in sorted(time for time in times if since <= time < until):
+        while step_index + 1 < len(steps) and steps[step_index + 1].start <= moment:
+            step_index += 1
+        while watch_index < len(watches) and watches[watch_index].end <= moment:
+            watch_index += 1
+        watched = watch_index < len(watches) and watches[watch_index].start <= moment
+        step = steps[step_index] if steps and steps[step_index].start <= moment else None
+        value = step.usd_per_hour if watched and step is not None else None
+        _append_step(masked, PriceStep(moment, value))
+    return masked
+
+
 def _group_by_time(points: Iterable[PricePoint]) -> list[tuple[datetime, list[PricePoint]]]:
     groups: list[tuple[datetime, list[PricePoint]]] = []
     for point in points:
@@ -311,11 +341,24 @@ async def load_report(
     """
     since = until - timedelta(days=days)
     points = await store.price_series_points(gpu_model, since=since, until=until)
-    steps = lowest_price_series(points, size, since=since, until=until)
+    steps = await _watched_series(store, points, size, since=since, until=until)
     spans = sorted({*(window for window in windows if window <= days), days})
     stats = [window_stats(steps, until=until, days=span) for span in spans]
     unpriced = sum(1 for point in points if point.usd_per_vcpu_hour is None)
     return PriceReport(gpu_model, size, since, until, steps, stats, len(points), unpriced)
+
+
+async def _watched_series(
+    store: Store,
+    points: Sequence[PricePoint],
+    size: DeploymentSize,
+    *,
+    since: datetime,
+    until: datetime,
+) -> list[PriceStep]:
+    steps = lowest_price_series(points, size, since=since, until=until)
+    watches = await store.price_watches(since=since, until=until)
+    return mask_unwatched(steps, watches, since=since, until=until)
 
 
 async def price_percentile(
@@ -330,7 +373,7 @@ async def price_percentile(
     """Return the time-weighted percentile of the best full price of `size` over `window`."""
     since = until - window
     points = await store.price_series_points(gpu_model, since=since, until=until)
-    steps = lowest_price_series(points, size, since=since, until=until)
+    steps = await _watched_series(store, points, size, since=since, until=until)
     return weighted_percentile(weighted_values(steps, since=since, until=until), percent)
 
 

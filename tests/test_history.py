@@ -32,6 +32,7 @@ from tdbot.history import (
     PriceStep,
     load_report,
     lowest_price_series,
+    mask_unwatched,
     point_price,
     render_png,
     sample_series,
@@ -42,7 +43,7 @@ from tdbot.history import (
 )
 from tdbot.rules.schema import CheapestHostnodeRule
 from tdbot.store.codec import encode_restrictions
-from tdbot.store.db import PricePoint, Store
+from tdbot.store.db import PricePoint, Store, Watch
 from tdbot.store.tables import PriceSnapshot
 from tdbot.tensordock.models import Bounds, Hostnode, Restriction
 from tests.test_bot import Chat, api, chat, market  # noqa: F401
@@ -179,6 +180,75 @@ def test_series_size_changes_ranking() -> None:
 
     assert one == [PriceStep(UNTIL - HOUR, 1.25)]
     assert two == [PriceStep(UNTIL - HOUR, 3.25)]
+
+
+def test_unwatched_time_is_gap() -> None:
+    steps = lowest_price_series(
+        price_points(HISTORY), DEFAULT_SIZE, since=UNTIL - 24 * HOUR, until=UNTIL
+    )
+    # Watched until 20 h before the end (plus the gap allowance) and again from 4 h.
+    watches = [
+        Watch(UNTIL - 30 * HOUR, UNTIL - 18 * HOUR),
+        Watch(UNTIL - 4 * HOUR, UNTIL + HOUR),
+    ]
+
+    masked = mask_unwatched(steps, watches, since=UNTIL - 24 * HOUR, until=UNTIL)
+
+    assert masked == [
+        PriceStep(UNTIL - 24 * HOUR, 2.25),
+        PriceStep(UNTIL - 18 * HOUR, None),
+        PriceStep(UNTIL - 4 * HOUR, 2.25),
+        PriceStep(UNTIL - 3 * HOUR, 3.25),
+    ]
+
+
+async def test_stopped_daemon_leaves_gap(store: Store) -> None:
+    node = Hostnode.model_validate(
+        {
+            "id": "node-a",
+            "status": {"online": True, "listed": True},
+            "networking": {"ports": [22000]},
+            "specs": {
+                "gpu": {MODEL: {"amount": 1, "price": 1.0}},
+                "cpu": {"amount": 16, "price": 0.01},
+                "ram": {"amount": 64, "price": 0.005},
+                "storage": {"amount": 500, "price": 0.0001},
+            },
+        }
+    )
+
+    def snapshot(hours_before_end: float) -> MarketSnapshot:
+        taken_at = UNTIL - hours_before_end * HOUR
+        return MarketSnapshot(taken_at=taken_at, hostnodes={"node-a": node}, vms=None, balance=None)
+
+    # Snapshots every 10 minutes from 12 h to 10 h before the end, then none for 8 h
+    # while the daemon is stopped, then from 2 h before the end.
+    for minutes in range(0, 121, 10):
+        await store.record_prices(snapshot(12 - minutes / 60))
+    restarted = await Store.open(store.engine.url)
+    try:
+        await restarted.record_prices(snapshot(2))
+        await restarted.record_prices(snapshot(1))
+        report = await load_report(restarted, MODEL, days=0.5, until=UNTIL)
+    finally:
+        await restarted.close()
+
+    # The price is known until 2 h (WATCH_GAP) after the last snapshot before the stop.
+    assert report.steps == [
+        PriceStep(UNTIL - 12 * HOUR, 1.25),
+        PriceStep(UNTIL - 8 * HOUR, None),
+        PriceStep(UNTIL - 2 * HOUR, 1.25),
+    ]
+    assert report.windows[0].covered_hours == 6.0
+
+
+async def test_history_before_watches_counts(store: Store) -> None:
+    await add_rows(store, HISTORY, UNTIL)
+
+    report = await load_report(store, MODEL, days=1, until=UNTIL)
+
+    # No watch is stored, so nothing is known about gaps and the day counts whole.
+    assert report.windows[0].covered_hours == 24.0
 
 
 def test_series_gap_without_offers() -> None:

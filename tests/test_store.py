@@ -38,7 +38,7 @@ from tdbot.evaluation.model import (
     MarketSnapshot,
     Stop,
 )
-from tdbot.store.db import Store, database_url
+from tdbot.store.db import WATCH_GAP, Store, Watch, database_url
 from tdbot.store.tables import (
     ActionKind,
     ActionState,
@@ -305,6 +305,39 @@ async def test_open_alters_old_price_table(store_url: str) -> None:
     assert columns["usd_per_vcpu_hour"] is float
     assert columns["vcpus_free"] is int
     assert columns["restrictions"] is str
+
+
+async def test_watch_extended_or_restarted(store: Store) -> None:
+    await store.record_prices(market(T0, hostnode("h1", 0.40)))
+    await store.record_prices(market(T0 + timedelta(minutes=30), hostnode("h1", 0.40)))
+    # The hostnode list failed: the market was not seen, so the watch is not extended.
+    failed = MarketSnapshot(taken_at=T0 + timedelta(hours=1), hostnodes=None, vms={}, balance=None)
+    await store.record_prices(failed)
+    await store.record_prices(market(T0 + timedelta(hours=3), hostnode("h1", 0.40)))
+
+    watches = await store.price_watches(since=T0, until=T0 + timedelta(hours=4))
+
+    assert watches == [
+        Watch(T0, T0 + timedelta(minutes=30) + WATCH_GAP),
+        Watch(T0 + timedelta(hours=3), T0 + timedelta(hours=3) + WATCH_GAP),
+    ]
+
+
+async def test_prune_drops_old_watches(store: Store) -> None:
+    await store.record_prices(market(T0, hostnode("h1", 0.40)))
+    await store.record_prices(market(T0 + timedelta(days=3), hostnode("h1", 0.40)))
+    later = T0 + timedelta(days=10)
+    await store.record_prices(market(later, hostnode("h1", 0.40)))
+
+    await store.prune_price_history(older_than=T0 + timedelta(days=5))
+    watches = await store.price_watches(since=T0, until=later + timedelta(hours=1))
+
+    # The watch of day 3 is gone. The first one stays, so that the days up to `later`
+    # remain a gap instead of counting as history from before watches were kept.
+    assert watches == [
+        Watch(T0, T0 + WATCH_GAP),
+        Watch(later, later + WATCH_GAP),
+    ]
 
 
 async def test_prices_skipped_without_hostnodes(store: Store) -> None:

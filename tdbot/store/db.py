@@ -53,6 +53,7 @@ from tdbot.store.tables import (
     DecisionRecord,
     IdleSampleRecord,
     PriceSnapshot,
+    PriceWatch,
     RuleRun,
     RuleStateRecord,
     SshHostKeyRecord,
@@ -137,6 +138,19 @@ OFFER_COLUMNS = (
 )
 OfferValues = tuple[Any, ...]
 
+# A stored price is taken to hold until the next snapshot, but for at most this long:
+# a longer time without a snapshot (the daemon stopped, the hostnode list failing) is a
+# gap in the history. Two hours covers rules that run every hour, with room for jitter.
+WATCH_GAP = timedelta(hours=2)
+
+
+@dataclass(frozen=True)
+class Watch:
+    """A stretch of market snapshots: prices are known from `start` until `end`."""
+
+    start: datetime
+    end: datetime
+
 
 class Store:
     """Async access to every table; open with `await Store.open(url_or_path)`."""
@@ -146,6 +160,8 @@ class Store:
         self._clock = clock
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
         self._price_cache: dict[tuple[str, str], OfferValues] | None = None
+        # The price_watch row this process extends, and its last snapshot time.
+        self._watch: tuple[int, datetime] | None = None
 
     @classmethod
     async def open(
@@ -410,6 +426,7 @@ class Store:
         """
         if snapshot.hostnodes is None:
             return 0
+        await self._extend_watch(snapshot.taken_at)
         current = _current_offers(snapshot)
         previous = await self._latest_offers()
         for key, values in previous.items():
@@ -434,6 +451,67 @@ class Store:
             await connection.execute(insert(PriceSnapshot), rows)
         previous.update(changed)
         return len(changed)
+
+    async def _extend_watch(self, taken_at: datetime) -> None:
+        """Record that the market was seen at `taken_at`, extending or starting a watch."""
+        if self._watch is None:
+            # A restart soon after the last snapshot continues the same watch.
+            async with self._sessions() as session:
+                latest = (
+                    await session.exec(select(PriceWatch).order_by(col(PriceWatch.id).desc()))
+                ).first()
+            if latest is not None and latest.id is not None:
+                self._watch = (latest.id, latest.last_seen_at)
+
+        if self._watch is None or taken_at - self._watch[1] > WATCH_GAP:
+            async with self._sessions() as session:
+                watch = PriceWatch(started_at=taken_at, last_seen_at=taken_at)
+                session.add(watch)
+                await session.commit()
+                self._watch = (_id(watch.id), taken_at)
+            return
+
+        watch_id, last_seen = self._watch
+        if taken_at <= last_seen:
+            return
+        async with self._sessions() as session:
+            await session.exec(
+                update(PriceWatch)
+                .where(col(PriceWatch.id) == watch_id)
+                .values(last_seen_at=taken_at)
+            )
+            await session.commit()
+        self._watch = (watch_id, taken_at)
+
+    async def price_watches(self, *, since: datetime, until: datetime) -> list[Watch]:
+        """Return the stretches of [since, until) in which prices are known, oldest first.
+
+        Each watch ends WATCH_GAP after its last snapshot, or where the next one starts.
+        Time before the first stored watch counts as watched, because history stored
+        before watches were kept has no record of its gaps.
+        """
+        async with self._sessions() as session:
+            first_start = (await session.exec(select(func.min(PriceWatch.started_at)))).first()
+            rows = (
+                await session.exec(
+                    select(PriceWatch)
+                    .where(
+                        col(PriceWatch.last_seen_at) >= since - WATCH_GAP,
+                        col(PriceWatch.started_at) < until,
+                    )
+                    .order_by(col(PriceWatch.started_at))
+                )
+            ).all()
+        if first_start is None:
+            return [Watch(since, until)]
+
+        watches = [Watch(since, first_start)] if first_start > since else []
+        for index, row in enumerate(rows):
+            end = row.last_seen_at + WATCH_GAP
+            if index + 1 < len(rows):
+                end = min(end, rows[index + 1].started_at)
+            watches.append(Watch(row.started_at, end))
+        return watches
 
     async def _latest_offers(self) -> dict[tuple[str, str], OfferValues]:
         # NOTE: the cache assumes this process is the only writer of price history,
@@ -997,8 +1075,16 @@ class Store:
         statement = delete(PriceSnapshot).where(
             col(PriceSnapshot.taken_at) < older_than, col(PriceSnapshot.id).not_in(keep)
         )
+        # A watch is kept while its gap allowance reaches past the cut. The first one
+        # ever stored is kept too, because time before it counts as watched.
+        first_watch = select(func.min(PriceWatch.id)).scalar_subquery()
+        old_watches = delete(PriceWatch).where(
+            col(PriceWatch.last_seen_at) < older_than - WATCH_GAP,
+            col(PriceWatch.id) != first_watch,
+        )
         async with self._sessions() as session:
             result = await session.exec(statement)
+            await session.exec(old_watches)
             await session.commit()
             return int(result.rowcount or 0)
 

@@ -199,6 +199,20 @@ class PriceSnapshot(SQLModel, table=True):
     restrictions: str | None = None
 
 
+class PriceWatch(SQLModel, table=True):
+    """A stretch of time in which the daemon took market snapshots without a long break.
+
+    Price rows are written only on change, so these rows are what tells a price that
+    held from a price nobody saw: the daemon stopped, or the hostnode list failed.
+    """
+
+    __tablename__ = "price_watch"
+
+    id: int | None = Field(default=None, primary_key=True)
+    started_at: datetime = Field(sa_type=UtcDateTime)
+    last_seen_at: datetime = Field(sa_type=UtcDateTime, index=True)
+
+
 class VmObservation(SQLModel, table=True):
     """A VM's status and cost as seen in a snapshot, written only when they change."""
 
