@@ -859,7 +859,9 @@ async def test_cheapest_spot_no_offers(chat: Chat) -> None:
     assert "checked for spot bids" not in text
 
 
-async def test_spot_deploy_confirmed_bids(chat: Chat) -> None:
+async def confirm_spot_deploy(chat: Chat, max_usd_per_hour: float) -> tuple[str, str]:
+    """Run a spot deploy rule for the US 4090 hostnode, confirm its question, and return
+    the question and the outcome message."""
     chat.market.set_spot_price(HOST_US_4090, GPU_4090, 0.10)
     rule = CheapestHostnodeRule.model_validate(
         {
@@ -867,7 +869,7 @@ async def test_spot_deploy_confirmed_bids(chat: Chat) -> None:
             "kind": "cheapest_hostnode",
             "every": "10m",
             "match": f"gpu={GPU_4090} vcpus=8 ram=32 storage=100 country='United States' spot",
-            "deploy": {"enabled": True, "max_usd_per_hour": 0.50, "confirm": True},
+            "deploy": {"enabled": True, "max_usd_per_hour": max_usd_per_hour, "confirm": True},
         }
     )
     chat.daemon.rules.append(rule)
@@ -880,7 +882,11 @@ async def test_spot_deploy_confirmed_bids(chat: Chat) -> None:
 
     sent = len(chat.api.messages)
     await chat.press(question, "Confirm")
-    outcome = await chat.next_message(sent)
+    return question_text, await chat.next_message(sent)
+
+
+async def test_spot_deploy_confirmed_bids(chat: Chat) -> None:
+    question_text, outcome = await confirm_spot_deploy(chat, 0.50)
 
     assert question_text.startswith(
         f"⚠️ Deploy spot-4090-1 on hostnode {HOST_US_4090} (spot, bid up to $0.4580/h)"
@@ -894,27 +900,7 @@ async def test_spot_deploy_confirmed_bids(chat: Chat) -> None:
 async def test_spot_deploy_cap_under_on_demand(chat: Chat) -> None:
     # The cap is under the on-demand $0.463/h, but bids from 0.188 USD/h plus $0.005/h
     # storage fit under it.
-    chat.market.set_spot_price(HOST_US_4090, GPU_4090, 0.10)
-    rule = CheapestHostnodeRule.model_validate(
-        {
-            "name": "spot-4090",
-            "kind": "cheapest_hostnode",
-            "every": "10m",
-            "match": f"gpu={GPU_4090} vcpus=8 ram=32 storage=100 country='United States' spot",
-            "deploy": {"enabled": True, "max_usd_per_hour": 0.30, "confirm": True},
-        }
-    )
-    chat.daemon.rules.append(rule)
-    chat.daemon.snapshots.parts = ALL_PARTS
-    result = await chat.daemon.engine.run_rule(rule)
-    sent = len(chat.api.messages)
-    await chat.bot.on_tick(rule, result)
-    question_text = await chat.next_message(sent)
-    question = chat.api.messages[sent]
-
-    sent = len(chat.api.messages)
-    await chat.press(question, "Confirm")
-    outcome = await chat.next_message(sent)
+    question_text, outcome = await confirm_spot_deploy(chat, 0.30)
 
     assert "(spot, bid up to $0.2950/h)" in question_text
     assert outcome.startswith("ℹ️ Done: deployed spot-4090-1 (spot, bid $0.1"), outcome

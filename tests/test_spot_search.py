@@ -20,6 +20,7 @@ from tdbot.actions.guards import added_cost_usd_per_hour, check_deploy_caps
 from tdbot.actions.spot_bids import (
     VALIDATE_ENDPOINT,
     SpotCheck,
+    SpotQuote,
     accepted_by_total,
     lowest_spot_bid,
     quote_spot_offers,
@@ -70,6 +71,17 @@ class Env:
         offer = make_offer(hostnode, GPU_4090, spec)
         assert offer is not None
         return offer
+
+    async def bid(self, **options: Any) -> tuple[SpotQuote | None, list[tuple[float, bool]]]:
+        """Find the lowest bid on the US offer, returning it and each (bid, accepted) probe."""
+        probes: list[tuple[float, bool]] = []
+        quote = await lowest_spot_bid(
+            self.client,
+            await self.offer(),
+            on_probe=lambda bid, accepted: probes.append((bid, accepted)),
+            **options,
+        )
+        return quote, probes
 
     async def snapshot(self) -> MarketSnapshot:
         return MarketSnapshot(
@@ -170,16 +182,8 @@ def test_ceiling_leaves_room_for_storage() -> None:
 
 async def test_bisection_finds_clearing_bid(env: Env) -> None:
     minimum = set_minimum_bid(env.market, 0.15)
-    offer = await env.offer()
-    probes: list[tuple[float, bool]] = []
-
-    quote = await lowest_spot_bid(
-        env.client,
-        offer,
-        ceiling_usd_per_hour=None,
-        bisection_probes=40,
-        precision_usd=0.0001,
-        on_probe=lambda bid, accepted: probes.append((bid, accepted)),
+    quote, probes = await env.bid(
+        ceiling_usd_per_hour=None, bisection_probes=40, precision_usd=0.0001
     )
 
     assert quote is not None
@@ -205,16 +209,7 @@ async def test_default_bisection_bounded(env: Env) -> None:
 
 async def test_bisection_stops_at_probe_bound(env: Env) -> None:
     set_minimum_bid(env.market, 0.15)
-    offer = await env.offer()
-    probes: list[tuple[float, bool]] = []
-
-    quote = await lowest_spot_bid(
-        env.client,
-        offer,
-        ceiling_usd_per_hour=None,
-        bisection_probes=2,
-        on_probe=lambda bid, accepted: probes.append((bid, accepted)),
-    )
+    quote, probes = await env.bid(ceiling_usd_per_hour=None, bisection_probes=2)
 
     assert quote is not None
     assert quote.probes == 3
@@ -239,15 +234,7 @@ async def test_bisection_stops_at_precision(env: Env) -> None:
 
 async def test_rejected_at_ceiling(env: Env) -> None:
     set_minimum_bid(env.market, 0.40)
-    offer = await env.offer()
-    probes: list[tuple[float, bool]] = []
-
-    quote = await lowest_spot_bid(
-        env.client,
-        offer,
-        ceiling_usd_per_hour=None,
-        on_probe=lambda bid, accepted: probes.append((bid, accepted)),
-    )
+    quote, probes = await env.bid(ceiling_usd_per_hour=None)
 
     assert quote is None
     assert probes == [(COMPUTE_US, False)]
@@ -255,15 +242,7 @@ async def test_rejected_at_ceiling(env: Env) -> None:
 
 async def test_cap_lowers_first_probe(env: Env) -> None:
     minimum = set_minimum_bid(env.market, 0.15)
-    offer = await env.offer()
-    probes: list[tuple[float, bool]] = []
-
-    quote = await lowest_spot_bid(
-        env.client,
-        offer,
-        ceiling_usd_per_hour=0.30,
-        on_probe=lambda bid, accepted: probes.append((bid, accepted)),
-    )
+    quote, probes = await env.bid(ceiling_usd_per_hour=0.30)
 
     assert quote is not None
     assert probes[0] == (0.295, True)
@@ -272,15 +251,7 @@ async def test_cap_lowers_first_probe(env: Env) -> None:
 
 
 async def test_storage_over_cap_not_probed(env: Env) -> None:
-    offer = await env.offer()
-    probes: list[tuple[float, bool]] = []
-
-    quote = await lowest_spot_bid(
-        env.client,
-        offer,
-        ceiling_usd_per_hour=0.004,
-        on_probe=lambda bid, accepted: probes.append((bid, accepted)),
-    )
+    quote, probes = await env.bid(ceiling_usd_per_hour=0.004)
 
     assert quote is None
     assert probes == []
