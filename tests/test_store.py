@@ -48,11 +48,13 @@ from tdbot.store.tables import (
     UtcDateTime,
 )
 from tdbot.tensordock.models import (
+    Bounds,
     CpuOffer,
     GpuOffer,
     Hostnode,
     HostnodeSpecs,
     HostnodeStatus,
+    Restriction,
     VirtualMachine,
 )
 from tests.postgres import PostgresServer, unique_database_name
@@ -236,6 +238,29 @@ async def test_prices_stored_on_unit_change(store_url: str) -> None:
         (0.0, 0),
         (0.002, 32),
     ]
+
+
+async def test_restrictions_survive_reopen(store_url: str) -> None:
+    restricted = Hostnode(
+        id="h1",
+        specs=HostnodeSpecs(
+            gpu={"geforcertx4090-pcie-24gb": GpuOffer(amount=2, price=0.4)},
+            restrictions={1: Restriction(cpu=Bounds(min=4, max=16)), 2: Restriction()},
+        ),
+        status=HostnodeStatus(online=True, listed=True),
+    )
+    first = await Store.open(store_url)
+    await first.record_prices(market(T0, restricted))
+    await first.close()
+
+    # A new process compares with the restrictions read back, which must be equal.
+    reopened = await Store.open(store_url)
+    again = await reopened.record_prices(market(T0 + timedelta(minutes=10), restricted))
+    (row,) = await reopened.price_history("geforcertx4090-pcie-24gb", since=T0)
+    await reopened.close()
+
+    assert again == 0
+    assert row.restrictions == '{"1":{"cpu":[4,16]},"2":{}}'
 
 
 @pytest.mark.sqlite_only

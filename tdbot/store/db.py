@@ -122,7 +122,8 @@ class PricePoint(NamedTuple):
 
 
 # The PriceSnapshot columns that make up an offer, in PricePoint's order. A row is
-# written when any of them changes.
+# written when any of them changes. In memory, restrictions stay parsed (a mapping of
+# GPU count to Restriction) and are encoded only for the rows written.
 OFFER_COLUMNS = (
     "usd_per_gpu_hour",
     "available",
@@ -442,6 +443,7 @@ class Store:
                 "hostnode_id": hostnode_id,
                 "gpu_model": gpu_model,
                 **dict(zip(OFFER_COLUMNS, values, strict=True)),
+                "restrictions": codec.encode_restrictions(values[_RESTRICTIONS]),
             }
             for (hostnode_id, gpu_model), values in changed.items()
         ]
@@ -526,7 +528,11 @@ class Store:
         ).where(col(PriceSnapshot.id).in_(latest_ids))
         async with self._sessions() as session:
             rows = (await session.exec(query)).all()
-        self._price_cache = {(row[0], row[1]): tuple(row[2:]) for row in rows}
+        # Each row is hostnode id, GPU model, then the OFFER_COLUMNS.
+        self._price_cache = {
+            (row[0], row[1]): (*row[2 : 2 + _RESTRICTIONS], codec.decode_restrictions(row[-1]))
+            for row in rows
+        }
         return self._price_cache
 
     async def price_history_models(self) -> list[str]:
@@ -1194,7 +1200,9 @@ def _current_offers(snapshot: MarketSnapshot) -> dict[tuple[str, str], OfferValu
             specs.storage.price,
             specs.storage.amount,
             len(set(hostnode.networking.ports)),
-            codec.encode_restrictions(specs.restrictions),
+            # Kept as parsed: encoding every hostnode's restrictions on every tick cost
+            # most of the comparison, so only the rows written are encoded.
+            specs.restrictions,
         )
         for gpu_model, gpu in specs.gpu.items():
             available = deployable and gpu.amount > 0
@@ -1203,6 +1211,7 @@ def _current_offers(snapshot: MarketSnapshot) -> dict[tuple[str, str], OfferValu
 
 
 _AVAILABLE = OFFER_COLUMNS.index("available")
+_RESTRICTIONS = OFFER_COLUMNS.index("restrictions")
 
 # Oldest first, and rows of the same time in the order they were stored. SQL leaves
 # the order of equal times open, so the id settles it on every backend.
