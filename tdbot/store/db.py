@@ -60,6 +60,7 @@ from tdbot.store.tables import (
     VmObservation,
     utc_now,
 )
+from tdbot.tensordock.models import Bounds, Restriction
 
 logger = logging.getLogger("tdbot.store")
 
@@ -122,8 +123,7 @@ class PricePoint(NamedTuple):
 
 
 # The PriceSnapshot columns that make up an offer, in PricePoint's order. A row is
-# written when any of them changes. In memory, restrictions stay parsed (a mapping of
-# GPU count to Restriction) and are encoded only for the rows written.
+# written when any of them changes.
 OFFER_COLUMNS = (
     "usd_per_gpu_hour",
     "available",
@@ -138,6 +138,8 @@ OFFER_COLUMNS = (
     "restrictions",
 )
 OfferValues = tuple[Any, ...]
+# Distinct hostnode restrictions whose stored text is kept, see _restrictions_text.
+RESTRICTION_TEXTS_MAX = 10_000
 
 # A stored price is taken to hold until the next snapshot, but for at most this long:
 # a longer time without a snapshot (the daemon stopped, the hostnode list failing) is a
@@ -443,7 +445,6 @@ class Store:
                 "hostnode_id": hostnode_id,
                 "gpu_model": gpu_model,
                 **dict(zip(OFFER_COLUMNS, values, strict=True)),
-                "restrictions": codec.encode_restrictions(values[_RESTRICTIONS]),
             }
             for (hostnode_id, gpu_model), values in changed.items()
         ]
@@ -528,11 +529,7 @@ class Store:
         ).where(col(PriceSnapshot.id).in_(latest_ids))
         async with self._sessions() as session:
             rows = (await session.exec(query)).all()
-        # Each row is hostnode id, GPU model, then the OFFER_COLUMNS.
-        self._price_cache = {
-            (row[0], row[1]): (*row[2 : 2 + _RESTRICTIONS], codec.decode_restrictions(row[-1]))
-            for row in rows
-        }
+        self._price_cache = {(row[0], row[1]): tuple(row[2:]) for row in rows}
         return self._price_cache
 
     async def price_history_models(self) -> list[str]:
@@ -1200,9 +1197,7 @@ def _current_offers(snapshot: MarketSnapshot) -> dict[tuple[str, str], OfferValu
             specs.storage.price,
             specs.storage.amount,
             len(set(hostnode.networking.ports)),
-            # Kept as parsed: encoding every hostnode's restrictions on every tick cost
-            # most of the comparison, so only the rows written are encoded.
-            specs.restrictions,
+            _restrictions_text(specs.restrictions),
         )
         for gpu_model, gpu in specs.gpu.items():
             available = deployable and gpu.amount > 0
@@ -1211,7 +1206,42 @@ def _current_offers(snapshot: MarketSnapshot) -> dict[tuple[str, str], OfferValu
 
 
 _AVAILABLE = OFFER_COLUMNS.index("available")
-_RESTRICTIONS = OFFER_COLUMNS.index("restrictions")
+
+
+def _restrictions_text(restrictions: dict[int, Restriction] | None) -> str | None:
+    """Return the stored text of a hostnode's restrictions, encoding each distinct one once.
+
+    JSON-encoding the restrictions of 5,000 hostnodes took most of an unchanged tick,
+    while a market has only a few dozen distinct ones, so the text is cached by a flat
+    tuple of the bounds, which is cheap to build and to hash.
+    """
+    if restrictions is None:
+        return None
+    key = tuple(
+        (count, *_bounds_key(part.cpu), *_bounds_key(part.ram), *_bounds_key(part.storage))
+        for count, part in sorted(restrictions.items())
+    )
+    return _encoded_restrictions(key, restrictions)
+
+
+def _bounds_key(bounds: Bounds | None) -> tuple[int | None, int | None]:
+    return (None, None) if bounds is None else (bounds.min, bounds.max)
+
+
+_RESTRICTION_TEXTS: dict[tuple[tuple[int | None, ...], ...], str | None] = {}
+
+
+def _encoded_restrictions(
+    key: tuple[tuple[int | None, ...], ...], restrictions: dict[int, Restriction]
+) -> str | None:
+    text = _RESTRICTION_TEXTS.get(key)
+    if text is None:
+        text = codec.encode_restrictions(restrictions)
+        # Bounded, so a market of ever new restrictions cannot grow it without end.
+        if len(_RESTRICTION_TEXTS) < RESTRICTION_TEXTS_MAX:
+            _RESTRICTION_TEXTS[key] = text
+    return text
+
 
 # Oldest first, and rows of the same time in the order they were stored. SQL leaves
 # the order of equal times open, so the id settles it on every backend.
