@@ -15,7 +15,7 @@ import click
 if TYPE_CHECKING:
     from tdbot.config import Secrets, Settings
 
-# The longest history `tdbot prices` shows: ten years, far beyond any retention.
+# The maximum days of history `tdbot prices` shows: ten years, beyond any retention.
 MAX_HISTORY_DAYS = 3650.0
 
 CONFIG_OPTION = click.option(

@@ -72,7 +72,7 @@ class DeploymentSize:
         return cls(spec.gpu_count, spec.vcpus, spec.ram_gb, spec.storage_gb)
 
     def spec(self, gpu_model: str) -> HostnodeSpec:
-        """Return the spec that asks for this size of `gpu_model`, with no other filter."""
+        """Return the spec that requests this size of `gpu_model`, with no other filter."""
         return HostnodeSpec(
             gpu=[gpu_model],
             gpu_count=self.gpu_count,

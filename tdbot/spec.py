@@ -269,7 +269,7 @@ def _check_range(term: Term, name: str, value: Any) -> None:
     """Raise SpecError at the value when HostnodeSpec would reject it as out of range.
 
     The bounds are read from HostnodeSpec itself, so this message and a rule file's
-    validation cannot disagree; the message names the spec term, not the field.
+    validation cannot disagree. The message names the spec term, not the field.
     """
     if isinstance(value, bool) or not isinstance(value, int | float):
         return

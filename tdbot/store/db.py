@@ -190,10 +190,10 @@ class Store:
                 await connection.run_sync(_add_missing_columns)
         except (DatabaseError, OSError) as error:
             await engine.dispose()
-            shown = url.render_as_string(hide_password=True)
+            location = url.render_as_string(hide_password=True)
             reason = getattr(error, "orig", None) or error
             raise ConfigError(
-                f"cannot use the database {shown}: {reason}. Set daemon.database to a SQLite "
+                f"cannot use the database {location}: {reason}. Set daemon.database to a SQLite "
                 "file path or a postgresql+asyncpg:// URL, or move a damaged file aside so "
                 "that tdbot creates a new one"
             ) from error
@@ -441,9 +441,9 @@ class Store:
                 continue
             values = ast.literal_eval(offer_text)
             if values[_AVAILABLE]:
-                gone = (*values[:_AVAILABLE], False, *values[_AVAILABLE + 1 :])
-                current[_offer_pair(key)] = gone
-                texts[key] = repr(gone)
+                unavailable = (*values[:_AVAILABLE], False, *values[_AVAILABLE + 1 :])
+                current[_offer_pair(key)] = unavailable
+                texts[key] = repr(unavailable)
 
         changed = [key for key, offer_text in texts.items() if previous.get(key) != offer_text]
         if not changed:
@@ -1252,9 +1252,9 @@ def _unpack_offers(packed: str) -> dict[str, str]:
 def _restrictions_text(restrictions: dict[int, Restriction] | None) -> str | None:
     """Return the stored text of a hostnode's restrictions, encoding each distinct one once.
 
-    JSON-encoding the restrictions of 5,000 hostnodes took most of an unchanged tick,
-    while a market has only a few dozen distinct ones, so the text is cached by a flat
-    tuple of the bounds, which is cheap to build and to hash.
+    JSON-encoding the restrictions of 5,000 hostnodes took most of an unchanged tick.
+    A market has only a few dozen distinct ones, so the text is cached by a flat tuple
+    of the bounds, which is cheap to build and to hash.
     """
     if restrictions is None:
         return None
