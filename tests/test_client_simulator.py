@@ -309,18 +309,22 @@ async def test_deploy_spot_vm_with_bid(client: TensorDockClient, market: Simulat
 
 # --- spot validation --------------------------------------------------------------------
 
+# The deployment every spot validation below checks, on the Las Vegas 4090 hostnode.
+LV_SPOT_SHAPE: dict[str, Any] = {
+    "hostnode_id": LV_4090,
+    "gpu_model": RTX_4090,
+    "gpu_count": 1,
+    "vcpus": 8,
+    "ram_gb": 32,
+    "storage_gb": 200,
+}
+
 
 async def test_validate_spot_new_accepts_bid(
     client: TensorDockClient, market: SimulatedMarket
 ) -> None:
     validation = await client.validate_spot_new(
-        hostnode_id=LV_4090,
-        gpu_model=RTX_4090,
-        gpu_count=1,
-        vcpus=8,
-        ram_gb=32,
-        storage_gb=200,
-        price_usd_per_hour=SPOT_MINIMUM_USD + 0.01,
+        **LV_SPOT_SHAPE, price_usd_per_hour=SPOT_MINIMUM_USD + 0.01
     )
 
     assert validation.accepted is True
@@ -330,13 +334,7 @@ async def test_validate_spot_new_accepts_bid(
 
 async def test_validate_spot_new_low_bid(client: TensorDockClient) -> None:
     validation = await client.validate_spot_new(
-        hostnode_id=LV_4090,
-        gpu_model=RTX_4090,
-        gpu_count=1,
-        vcpus=8,
-        ram_gb=32,
-        storage_gb=200,
-        price_usd_per_hour=SPOT_MINIMUM_USD - 0.01,
+        **LV_SPOT_SHAPE, price_usd_per_hour=SPOT_MINIMUM_USD - 0.01
     )
 
     assert validation.accepted is False
@@ -681,13 +679,7 @@ async def test_bad_gateway_spot_new_retried(
 
     async with make_client(server, read_retries=2) as td:
         validation = await td.validate_spot_new(
-            hostnode_id=LV_4090,
-            gpu_model=RTX_4090,
-            gpu_count=1,
-            vcpus=8,
-            ram_gb=32,
-            storage_gb=200,
-            price_usd_per_hour=SPOT_MINIMUM_USD + 0.01,
+            **LV_SPOT_SHAPE, price_usd_per_hour=SPOT_MINIMUM_USD + 0.01
         )
 
     assert validation.accepted is True
@@ -702,15 +694,7 @@ async def test_spot_new_error_without_check_advice(
 
     async with make_client(server, read_retries=1) as td:
         with pytest.raises(TransportError) as caught:
-            await td.validate_spot_new(
-                hostnode_id=LV_4090,
-                gpu_model=RTX_4090,
-                gpu_count=1,
-                vcpus=8,
-                ram_gb=32,
-                storage_gb=200,
-                price_usd_per_hour=SPOT_MINIMUM_USD + 0.01,
-            )
+            await td.validate_spot_new(**LV_SPOT_SHAPE, price_usd_per_hour=SPOT_MINIMUM_USD + 0.01)
 
     assert caught.value.status_code == 500
     assert market.faults.pending() == []
