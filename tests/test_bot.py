@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from tdbot.bot import ChatBot
 from tdbot.bot.chat_actions import CHAT_RULE
@@ -269,6 +270,33 @@ async def test_status_shows_rules_and_api(chat: Chat) -> None:
     assert "• idle: last tick never, no result yet" in text
     assert "no errors" in text
     assert "allowlist: 0" in text
+
+
+async def test_database_outage_announced_once(chat: Chat) -> None:
+    engine = chat.daemon.store.engine
+    # A damaged database: the table every tick writes first is gone.
+    async with engine.begin() as connection:
+        await connection.execute(text("ALTER TABLE rule_run RENAME TO rule_run_moved"))
+    sent = len(chat.api.messages)
+
+    first = await chat.daemon.engine.run_rule(LOW_BALANCE)
+    second = await chat.daemon.engine.run_rule(LOW_BALANCE)
+    outage = await chat.next_message(sent)
+    async with engine.begin() as connection:
+        await connection.execute(text("ALTER TABLE rule_run_moved RENAME TO rule_run"))
+    third = await chat.daemon.engine.run_rule(LOW_BALANCE)
+    # The recovered tick's own alert comes first, then the all-clear.
+    await chat.next_message(sent + 2)
+    texts = [shown(message) for message in chat.api.messages[sent:]]
+
+    assert first.error is not None
+    assert first.error.startswith("database unavailable: ")
+    assert second.error is not None
+    assert outage.startswith("🚨 Database unavailable")
+    assert "no such table: rule_run" in outage
+    assert texts[-1].startswith("ℹ️ Database available again")
+    assert third.error is None
+    assert sum("Database unavailable" in message for message in texts) == 1
 
 
 async def test_status_usage_error(chat: Chat) -> None:

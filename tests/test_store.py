@@ -263,6 +263,37 @@ async def test_restrictions_survive_reopen(store_url: str) -> None:
     assert row.restrictions == '{"1":{"cpu":[4,16]},"2":{}}'
 
 
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("postgresql+asyncpg://tdbot@127.0.0.1:notaport/tdbot", "invalid database URL"),
+        ("postgres+nosuchdriver://tdbot@127.0.0.1/tdbot", "invalid database URL"),
+    ],
+)
+async def test_open_rejects_bad_url(url: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason) as caught:
+        await Store.open(url)
+
+    assert "Set daemon.database to a SQLite file path" in str(caught.value)
+
+
+async def test_open_rejects_missing_required_column(tmp_path: Path) -> None:
+    database = tmp_path / "tdbot.db"
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE price_snapshot (id INTEGER PRIMARY KEY)")
+
+    with pytest.raises(ConfigError, match="lacks the required column taken_at"):
+        await Store.open(database)
+
+
+@pytest.mark.postgresql
+async def test_open_rejects_missing_postgres_database(postgres_url: str) -> None:
+    missing = postgres_url.rsplit("/", 1)[0] + "/tdbot_no_such_database"
+
+    with pytest.raises(ConfigError, match='database "tdbot_no_such_database" does not exist'):
+        await Store.open(missing)
+
+
 @pytest.mark.sqlite_only
 async def test_open_rejects_non_database_file(tmp_path: Path) -> None:
     damaged = tmp_path / "tdbot.db"

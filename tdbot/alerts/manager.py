@@ -300,6 +300,10 @@ class AlertManager:
                 await self._store.resolve_alert(stored_rule, alert.subject, now=now)
                 logger.info("report %s/%s no longer reported, resolved", rule, alert.subject)
 
+    async def notify(self, message: Message) -> None:
+        """Send a message that no stored alert backs, such as one about the store itself."""
+        await self._send(message)
+
     async def _send(self, message: Message) -> None:
         # NOTE: the send was claimed in the store before this call, so a message that
         # fails here is not retried at the next run: a firing alert is sent again after

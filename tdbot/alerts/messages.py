@@ -260,3 +260,25 @@ def _severity_name(severity: str) -> SeverityName:
     if severity == "critical":
         return "critical"
     return "warning"
+
+
+def database_unavailable(error: Exception) -> Message:
+    """Return the message that the store failed, sent without storing it."""
+    return Message(
+        title="Database unavailable",
+        lines=(
+            f"{type(error).__name__}: {error}",
+            "Rules take no action while tdbot cannot record what it does. They run again "
+            "at their next times; check the database in daemon.database.",
+        ),
+        severity="critical",
+    )
+
+
+def database_available() -> Message:
+    """Return the message that the store works again after an outage."""
+    return Message(
+        title="Database available again",
+        lines=("Rules record and act again from their next runs.",),
+        severity="info",
+    )

@@ -15,8 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from tdbot.actions.executor import ActionExecutor
 from tdbot.actions.outcome import ActionOutcome, OutcomeStatus
+from tdbot.alerts import messages
 from tdbot.alerts.manager import AlertBatch, AlertManager
 from tdbot.clock import Clock
 from tdbot.daemon.snapshot import SnapshotProvider
@@ -90,6 +93,8 @@ class RuleEngine:
         # A weak reference, so the engine does not keep a large market in memory.
         self._recorded_snapshot: weakref.ref[MarketSnapshot] | None = None
         self.last_results: dict[str, TickResult] = {}
+        # Set while ticks fail on the store, so its outage is announced once.
+        self._database_down = False
 
     async def run_rule(self, rule: RuleBase) -> TickResult:
         """Run one tick of `rule`, unless it is paused or its previous tick still runs."""
@@ -99,13 +104,45 @@ class RuleEngine:
             return TickResult(rule.name, skipped="previous tick still running")
 
         async with lock:
-            paused_until = await self._store.paused_until(rule.name)
-            if paused_until is not None and paused_until > self._clock.now():
-                logger.info("rule %s is paused until %s", rule.name, paused_until.isoformat())
-                return TickResult(rule.name, skipped=f"paused until {paused_until.isoformat()}")
-            result = await self._tick(rule)
+            try:
+                paused_until = await self._store.paused_until(rule.name)
+                if paused_until is not None and paused_until > self._clock.now():
+                    logger.info("rule %s is paused until %s", rule.name, paused_until.isoformat())
+                    return TickResult(rule.name, skipped=f"paused until {paused_until.isoformat()}")
+                result = await self._tick(rule)
+            except (SQLAlchemyError, OSError) as error:
+                # Without the store there is no intent journal, so nothing may be done:
+                # the tick ends here, and the rule runs again at its next time.
+                result = TickResult(rule.name, error=f"database unavailable: {error}")
+                await self._database_failed(rule, error)
+            else:
+                # A whole tick went through the store, so an outage is over.
+                await self._database_recovered()
             self.last_results[rule.name] = result
             return result
+
+    async def _database_failed(self, rule: RuleBase, error: Exception) -> None:
+        """Log the failure of a tick on the store, and send one alert per outage."""
+        logger.error(
+            "rule %s: tick stopped, the database is unavailable (%s: %s); no action is "
+            "taken until it is back",
+            rule.name,
+            type(error).__name__,
+            error,
+        )
+        if self._database_down:
+            return
+        self._database_down = True
+        if self._alerts is not None:
+            await self._alerts.notify(messages.database_unavailable(error))
+
+    async def _database_recovered(self) -> None:
+        if not self._database_down:
+            return
+        self._database_down = False
+        logger.info("the database is available again")
+        if self._alerts is not None:
+            await self._alerts.notify(messages.database_available())
 
     async def _tick(self, rule: RuleBase) -> TickResult:
         batch = self._join_batch()

@@ -28,7 +28,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DatabaseError, IntegrityError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -173,13 +173,24 @@ class Store:
     async def open(
         cls, url_or_path: str | Path, *, clock: Callable[[], datetime] = utc_now
     ) -> Store:
-        """Connect, create the database folder and the tables if missing, and return a Store."""
-        url = database_url(url_or_path)
-        is_sqlite = url.get_backend_name() == "sqlite"
+        """Connect, create the database folder and the tables if missing, and return a Store.
+
+        Raises ConfigError, naming the database without its password, when the URL,
+        its driver or the database itself cannot be used.
+        """
+        try:
+            url = database_url(url_or_path)
+            is_sqlite = url.get_backend_name() == "sqlite"
+            engine = create_async_engine(
+                url, json_serializer=codec.dumps, pool_pre_ping=not is_sqlite
+            )
+        except (ArgumentError, ImportError, ValueError) as error:
+            # ImportError covers a missing driver, such as psycopg for postgresql://.
+            raise ConfigError(
+                f"invalid database URL ({type(error).__name__}: {error}). {_DATABASE_FIX}"
+            ) from None
         if is_sqlite and url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-
-        engine = create_async_engine(url, json_serializer=codec.dumps, pool_pre_ping=not is_sqlite)
         if is_sqlite:
             sync_engine: Engine = engine.sync_engine
             event.listen(sync_engine, "connect", _set_sqlite_pragmas)
@@ -188,14 +199,13 @@ class Store:
             async with engine.begin() as connection:
                 await connection.run_sync(SQLModel.metadata.create_all)
                 await connection.run_sync(_add_missing_columns)
-        except (DatabaseError, OSError) as error:
+        except (DBAPIError, OSError, _MissingColumnError) as error:
             await engine.dispose()
             location = url.render_as_string(hide_password=True)
             reason = getattr(error, "orig", None) or error
             raise ConfigError(
-                f"cannot use the database {location}: {reason}. Set daemon.database to a SQLite "
-                "file path or a postgresql+asyncpg:// URL, or move a damaged file aside so "
-                "that tdbot creates a new one"
+                f"cannot use the database {location}: {reason}. {_DATABASE_FIX}, or move a "
+                "damaged SQLite file aside so that tdbot creates a new one"
             ) from error
         logger.info("store opened: %s", url.render_as_string(hide_password=True))
         return cls(engine, clock=clock)
@@ -1293,6 +1303,17 @@ def _offer_columns() -> list[Any]:
     return [col(getattr(PriceSnapshot, name)) for name in OFFER_COLUMNS]
 
 
+class _MissingColumnError(Exception):
+    """A table lacks a column that cannot be added to rows already stored."""
+
+
+# What a user can do about a database tdbot cannot open.
+_DATABASE_FIX = (
+    "Set daemon.database to a SQLite file path or to a postgresql+asyncpg://user@host/name "
+    "URL (with the postgres extra installed)"
+)
+
+
 def _add_missing_columns(connection: Connection) -> None:
     """Add the nullable columns that tables created by an older tdbot lack.
 
@@ -1308,10 +1329,9 @@ def _add_missing_columns(connection: Connection) -> None:
             if column.name in present:
                 continue
             if not column.nullable:
-                raise RuntimeError(
-                    f"table {table.name} lacks the required column {column.name}; "
-                    "move the SQLite file aside, or point tdbot at a new PostgreSQL database, "
-                    "so that tdbot creates the tables anew"
+                raise _MissingColumnError(
+                    f"table {table.name} lacks the required column {column.name}, which "
+                    "cannot be added to the rows already stored"
                 )
             column_type = column.type.compile(dialect=connection.dialect)
             connection.execute(
