@@ -9,8 +9,8 @@ What is computed, and what is not:
   sizes and prices it now: vCPUs rounded up to even, raised to a restriction's minimum,
   and left out when it has too few free units.
 - A stored price holds until the next change, but only while the daemon was watching:
-  stretches with no market snapshot for over 2 hours (tdbot.store.db.WATCH_GAP), such
-  as a stopped daemon, are gaps.
+  from a clean stop until the next start, and from WATCH_GAP (2 hours,
+  tdbot.store.db) after the last snapshot when no new one comes, the series has gaps.
 - The history covers every location: a rule's country or uptime filters do not apply.
 - Times when no hostnode could host the size are gaps: they count in no statistic.
   Rows stored before the vCPU, RAM and storage prices were kept have no full price,
@@ -138,6 +138,8 @@ class PriceReport:
     # Rows read, and those of them stored before unit prices were kept.
     rows: int = 0
     rows_without_unit_prices: int = 0
+    # Whether the daemon took any market snapshot in the covered time.
+    watched: bool = True
 
 
 def point_price(point: PricePoint, size: DeploymentSize) -> float | None:
@@ -341,11 +343,11 @@ async def load_report(
     """
     since = until - timedelta(days=days)
     points = await store.price_series_points(gpu_model, since=since, until=until)
-    steps = await _watched_series(store, points, size, since=since, until=until)
+    steps, watched = await _watched_series(store, points, size, since=since, until=until)
     spans = sorted({*(window for window in windows if window <= days), days})
     stats = [window_stats(steps, until=until, days=span) for span in spans]
     unpriced = sum(1 for point in points if point.usd_per_vcpu_hour is None)
-    return PriceReport(gpu_model, size, since, until, steps, stats, len(points), unpriced)
+    return PriceReport(gpu_model, size, since, until, steps, stats, len(points), unpriced, watched)
 
 
 async def _watched_series(
@@ -355,10 +357,12 @@ async def _watched_series(
     *,
     since: datetime,
     until: datetime,
-) -> list[PriceStep]:
+) -> tuple[list[PriceStep], bool]:
+    """Return the series with unwatched time as gaps, and whether any time was watched."""
     steps = lowest_price_series(points, size, since=since, until=until)
     watches = await store.price_watches(since=since, until=until)
-    return mask_unwatched(steps, watches, since=since, until=until)
+    watched = any(watch.start < until and watch.end > since for watch in watches)
+    return mask_unwatched(steps, watches, since=since, until=until), watched
 
 
 async def price_percentile(
@@ -373,7 +377,7 @@ async def price_percentile(
     """Return the time-weighted percentile of the best full price of `size` over `window`."""
     since = until - window
     points = await store.price_series_points(gpu_model, since=since, until=until)
-    steps = await _watched_series(store, points, size, since=since, until=until)
+    steps, _ = await _watched_series(store, points, size, since=since, until=until)
     return weighted_percentile(weighted_values(steps, since=since, until=until), percent)
 
 
@@ -454,6 +458,11 @@ def has_prices(report: PriceReport) -> bool:
 
 def no_history_message(report: PriceReport, days: float) -> str:
     """Say why a report has no prices and what to do about it."""
+    if not report.watched:
+        return (
+            f"the daemon took no market snapshot in the last {days:g} days, so no price "
+            "is known for that time; choose more days, or keep the daemon running"
+        )
     if report.rows and report.rows == report.rows_without_unit_prices:
         return (
             f"the stored rows of {report.gpu_model} hold GPU prices only, from before vCPU, "

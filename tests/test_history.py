@@ -202,33 +202,39 @@ def test_unwatched_time_is_gap() -> None:
     ]
 
 
-async def test_stopped_daemon_leaves_gap(store: Store) -> None:
-    node = Hostnode.model_validate(
-        {
-            "id": "node-a",
-            "status": {"online": True, "listed": True},
-            "networking": {"ports": [22000]},
-            "specs": {
-                "gpu": {MODEL: {"amount": 1, "price": 1.0}},
-                "cpu": {"amount": 16, "price": 0.01},
-                "ram": {"amount": 64, "price": 0.005},
-                "storage": {"amount": 500, "price": 0.0001},
-            },
-        }
+WATCHED_NODE = Hostnode.model_validate(
+    {
+        "id": "node-a",
+        "status": {"online": True, "listed": True},
+        "networking": {"ports": [22000]},
+        "specs": {
+            "gpu": {MODEL: {"amount": 1, "price": 1.0}},
+            "cpu": {"amount": 16, "price": 0.01},
+            "ram": {"amount": 64, "price": 0.005},
+            "storage": {"amount": 500, "price": 0.0001},
+        },
+    }
+)
+
+
+def watch_snapshot(hours_before_end: float) -> MarketSnapshot:
+    """Return a snapshot of one hostnode whose default size costs 1.25 USD per hour."""
+    taken_at = UNTIL - hours_before_end * HOUR
+    return MarketSnapshot(
+        taken_at=taken_at, hostnodes={"node-a": WATCHED_NODE}, vms=None, balance=None
     )
 
-    def snapshot(hours_before_end: float) -> MarketSnapshot:
-        taken_at = UNTIL - hours_before_end * HOUR
-        return MarketSnapshot(taken_at=taken_at, hostnodes={"node-a": node}, vms=None, balance=None)
 
+async def test_crashed_daemon_leaves_gap(store: Store) -> None:
     # Snapshots every 10 minutes from 12 h to 10 h before the end, then none for 8 h
-    # while the daemon is stopped, then from 2 h before the end.
+    # after a crash (the first store is never closed, so no stop is recorded), then
+    # from 2 h before the end.
     for minutes in range(0, 121, 10):
-        await store.record_prices(snapshot(12 - minutes / 60))
+        await store.record_prices(watch_snapshot(12 - minutes / 60))
     restarted = await Store.open(store.engine.url)
     try:
-        await restarted.record_prices(snapshot(2))
-        await restarted.record_prices(snapshot(1))
+        await restarted.record_prices(watch_snapshot(2))
+        await restarted.record_prices(watch_snapshot(1))
         report = await load_report(restarted, MODEL, days=0.5, until=UNTIL)
     finally:
         await restarted.close()
@@ -240,6 +246,41 @@ async def test_stopped_daemon_leaves_gap(store: Store) -> None:
         PriceStep(UNTIL - 2 * HOUR, 1.25),
     ]
     assert report.windows[0].covered_hours == 6.0
+
+
+async def test_clean_stop_ends_watch(store_url: str) -> None:
+    stop_time = UNTIL - 5 * HOUR
+    first = await Store.open(store_url, clock=lambda: stop_time)
+    for minutes in range(0, 61, 10):
+        await first.record_prices(watch_snapshot(6 - minutes / 60))
+    await first.close()
+    second = await Store.open(store_url)
+    try:
+        await second.record_prices(watch_snapshot(4.5))
+        report = await load_report(second, MODEL, days=0.25, until=UNTIL)
+    finally:
+        await second.close()
+
+    # Watched from 6 h to the clean stop at 5 h, unwatched until the restart, then for
+    # WATCH_GAP after the one snapshot of the restarted store.
+    assert report.steps == [
+        PriceStep(UNTIL - 6 * HOUR, 1.25),
+        PriceStep(UNTIL - 5 * HOUR, None),
+        PriceStep(UNTIL - 4.5 * HOUR, 1.25),
+        PriceStep(UNTIL - 2.5 * HOUR, None),
+    ]
+
+
+async def test_unwatched_window_explained(store: Store) -> None:
+    await store.record_prices(watch_snapshot(10))
+
+    # The one watch ended 8 h before the end; the last hour saw no snapshot.
+    report = await load_report(store, MODEL, days=1 / 24, until=UNTIL)
+
+    assert not history.has_prices(report)
+    assert "the daemon took no market snapshot in the last" in (
+        history.no_history_message(report, 1 / 24)
+    )
 
 
 async def test_history_before_watches_counts(store: Store) -> None:

@@ -28,7 +28,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -143,8 +143,8 @@ OfferValues = tuple[Any, ...]
 RESTRICTION_TEXTS_MAX = 10_000
 
 # A stored price is taken to hold until the next snapshot, but for at most this long:
-# a longer time without a snapshot (the daemon stopped, the hostnode list failing) is a
-# gap in the history. Two hours covers rules that run every hour, with room for jitter.
+# after that, with no snapshot (a crash, the hostnode list failing), the history has a
+# gap. A clean stop ends the watch at once. Two hours covers rules that run every hour.
 WATCH_GAP = timedelta(hours=2)
 
 
@@ -211,6 +211,13 @@ class Store:
         return cls(engine, clock=clock)
 
     async def close(self) -> None:
+        """End this process's price watch, if it kept one, and release the connections."""
+        if self._watch is not None:
+            try:
+                await self._end_watch()
+            except (SQLAlchemyError, OSError) as error:
+                # The watch then ends WATCH_GAP after its last snapshot, as after a crash.
+                logger.warning("could not record the end of the price watch: %s", error)
         await self.engine.dispose()
 
     def now(self) -> datetime:
@@ -483,7 +490,9 @@ class Store:
                 latest = (
                     await session.exec(select(PriceWatch).order_by(col(PriceWatch.id).desc()))
                 ).first()
-            if latest is not None and latest.id is not None:
+            # A restart soon after a crash continues the watch; after a clean stop the
+            # time between is known to be unwatched, so a new watch starts.
+            if latest is not None and latest.id is not None and latest.stopped_at is None:
                 self._watch = (latest.id, latest.last_seen_at)
 
         if self._watch is None or taken_at - self._watch[1] > WATCH_GAP:
@@ -505,6 +514,18 @@ class Store:
             )
             await session.commit()
         self._watch = (watch_id, taken_at)
+
+    async def _end_watch(self) -> None:
+        assert self._watch is not None
+        watch_id, _ = self._watch
+        async with self._sessions() as session:
+            await session.exec(
+                update(PriceWatch)
+                .where(col(PriceWatch.id) == watch_id)
+                .values(stopped_at=self.now())
+            )
+            await session.commit()
+        self._watch = None
 
     async def price_watches(self, *, since: datetime, until: datetime) -> list[Watch]:
         """Return the stretches of [since, until) in which prices are known, oldest first.
@@ -531,6 +552,9 @@ class Store:
         watches = [Watch(since, first_start)] if first_start > since else []
         for index, row in enumerate(rows):
             end = row.last_seen_at + WATCH_GAP
+            if row.stopped_at is not None:
+                # Never before the last snapshot, whatever clock recorded the stop.
+                end = min(end, max(row.stopped_at, row.last_seen_at))
             if index + 1 < len(rows):
                 end = min(end, rows[index + 1].started_at)
             watches.append(Watch(row.started_at, end))

@@ -211,6 +211,8 @@ class PriceWatch(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     started_at: datetime = Field(sa_type=UtcDateTime)
     last_seen_at: datetime = Field(sa_type=UtcDateTime, index=True)
+    # When the daemon stopped cleanly; None while it runs or after a crash.
+    stopped_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 class VmObservation(SQLModel, table=True):
