@@ -887,16 +887,18 @@ async def test_cheapest_spot_no_offers(chat: Chat) -> None:
     assert "checked for spot bids" not in text
 
 
-async def confirm_spot_deploy(chat: Chat, max_usd_per_hour: float) -> tuple[str, str]:
-    """Run a spot deploy rule for the US 4090 hostnode, confirm its question, and return
-    the question and the outcome message."""
+async def confirm_spot_deploy(
+    chat: Chat, max_usd_per_hour: float, *, country: str = " country='United States'"
+) -> tuple[str, str]:
+    """Run a spot deploy rule for the 4090 hostnodes of `country` (a spec term, or "" for
+    all), confirm its question, and return the question and the outcome message."""
     chat.market.set_spot_price(HOST_US_4090, GPU_4090, 0.10)
     rule = CheapestHostnodeRule.model_validate(
         {
             "name": "spot-4090",
             "kind": "cheapest_hostnode",
             "every": "10m",
-            "match": f"gpu={GPU_4090} vcpus=8 ram=32 storage=100 country='United States' spot",
+            "match": f"gpu={GPU_4090} vcpus=8 ram=32 storage=100{country} spot",
             "deploy": {"enabled": True, "max_usd_per_hour": max_usd_per_hour, "confirm": True},
         }
     )
@@ -934,4 +936,24 @@ async def test_spot_deploy_cap_under_on_demand(chat: Chat) -> None:
     assert outcome.startswith("ℹ️ Done: deployed spot-4090-1 (spot, bid $0.1"), outcome
     [vm] = [vm for vm in chat.market.vms.values() if vm.name == "spot-4090-1"]
     assert vm.is_spot
+    assert vm.compute_price + 0.005 <= 0.30
+
+
+async def test_spot_question_names_fallbacks(chat: Chat) -> None:
+    # Tokyo is the cheapest on demand, but its lowest bid, 0.40 + 0.088, is above the
+    # $0.295/h the cap leaves for a bid, so the VM goes to the next hostnode that accepts.
+    host_jp = "58ab3969-87c2-4228-a9ca-0c9fe191f0ef"
+    host_nl = "b9ee75b9-b341-4482-a250-86597475ffae"
+    chat.market.set_spot_price(host_jp, GPU_4090, 0.40)
+
+    question_text, outcome = await confirm_spot_deploy(chat, 0.30, country="")
+
+    assert question_text.startswith(
+        f"⚠️ Deploy spot-4090-1 on hostnode {host_jp}, or on the next of 2 other hostnodes "
+        "if it rejects the bid (spot, at most $0.3000/h with storage)"
+    )
+    assert outcome.startswith("ℹ️ Done: deployed spot-4090-1 (spot, bid $0.2"), outcome
+    assert f"on hostnode {host_nl} as VM" in outcome
+    [vm] = [vm for vm in chat.market.vms.values() if vm.name == "spot-4090-1"]
+    assert vm.hostnode_id == host_nl
     assert vm.compute_price + 0.005 <= 0.30

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,13 @@ from tdbot.actions.spot_bids import (
     quote_spot_offers,
     spot_check_notes,
 )
+from tdbot.alerts.manager import AlertManager
+from tdbot.daemon.engine import RuleEngine
+from tdbot.daemon.snapshot import SnapshotProvider
 from tdbot.evaluation.cheapest import evaluate_cheapest, spot_bid_ceiling
-from tdbot.evaluation.model import Deploy, MarketSnapshot, Report, RuleState
+from tdbot.evaluation.model import Deploy, MarketSnapshot, Report, RuleState, Severity
 from tdbot.evaluation.pricing import Offer, PriceBreakdown, make_offer, rank_hostnodes
+from tdbot.notify.base import Message
 from tdbot.rules.schema import CheapestHostnodeRule, HostnodeSpec
 from tdbot.simulator.faults import FaultMode
 from tdbot.simulator.market import SimulatedMarket
@@ -40,7 +45,7 @@ from tdbot.simulator.testing import (
     running_simulator,
 )
 from tdbot.store.db import Store
-from tdbot.store.tables import ActionState
+from tdbot.store.tables import ActionRecord, ActionState, AlertState
 from tdbot.tensordock.client import SpotValidation, TensorDockClient
 from tdbot.tensordock.errors import AuthenticationError
 from tdbot.tensordock.models import VmStatus
@@ -439,7 +444,7 @@ async def test_spot_deploy_at_lowest_bid(env: Env) -> None:
     assert endpoints.index(VALIDATE_ENDPOINT) < endpoints.index("client/deploy/single")
 
 
-async def test_spot_deploy_rejected_fails(env: Env) -> None:
+async def test_spot_deploy_rejected_blocked(env: Env) -> None:
     set_minimum_bid(env.market, 0.40)
     rule = spot_rule(0.50)
     decision, snapshot = await spot_deploy(env, rule)
@@ -447,15 +452,22 @@ async def test_spot_deploy_rejected_fails(env: Env) -> None:
 
     [outcome] = await env.executor().execute(rule, [decision], snapshot, env.market.now())
 
-    assert outcome.status is OutcomeStatus.FAILED
+    # Only one hostnode in the United States can host the spec, so there is no fallback.
+    assert decision.fallback_hostnode_ids == ()
+    assert outcome.status is OutcomeStatus.BLOCKED
     assert outcome.message == (
-        f"hostnode {HOST_US} rejected spot bids up to $0.4580/h; nothing was deployed"
+        f"no hostnode accepted a spot bid up to $0.4630/h with storage (tried {HOST_US}); "
+        "will try again"
     )
     assert len(env.market.vms) == vms_before
     assert outcome.action_id is not None
     row = await env.store.get_action(outcome.action_id)
     assert row is not None
-    assert row.state == ActionState.FAILED
+    assert row.state == ActionState.BLOCKED
+    assert row.error == outcome.message
+    assert row.result == {
+        "skipped_hostnodes": {HOST_US: f"hostnode {HOST_US} rejected spot bids up to $0.4580/h"}
+    }
     assert [call["endpoint"] for call in row.api_calls].count(VALIDATE_ENDPOINT) == 1
 
 
@@ -497,13 +509,18 @@ async def test_spot_deploy_under_cap_rejected(env: Env) -> None:
 
     [outcome] = await env.executor().execute(rule, [decision], snapshot, env.market.now())
 
-    assert outcome.status is OutcomeStatus.FAILED
+    assert outcome.status is OutcomeStatus.BLOCKED
     assert outcome.message == (
-        f"hostnode {HOST_US} rejected spot bids up to $0.2950/h; nothing was deployed"
+        f"no hostnode accepted a spot bid up to $0.3000/h with storage (tried {HOST_US}); "
+        "will try again"
     )
     assert outcome.action_id is not None
     row = await env.store.get_action(outcome.action_id)
     assert row is not None
+    assert row.result is not None
+    assert row.result["skipped_hostnodes"] == {
+        HOST_US: f"hostnode {HOST_US} rejected spot bids up to $0.2950/h"
+    }
     # The probe at the ceiling is rejected, so no bisection follows.
     assert [call["endpoint"] for call in row.api_calls].count(VALIDATE_ENDPOINT) == 1
 
@@ -614,7 +631,215 @@ async def test_spot_bid_within_decided_price(env: Env) -> None:
 
     [outcome] = await env.executor().execute(rule, [decision], snapshot, env.market.now())
 
-    assert outcome.status is OutcomeStatus.FAILED
+    assert outcome.status is OutcomeStatus.BLOCKED
     assert outcome.message == (
-        f"hostnode {HOST_US} rejected spot bids up to $0.4580/h; nothing was deployed"
+        f"no hostnode accepted a spot bid up to $0.4630/h with storage (tried {HOST_US}); "
+        "will try again"
     )
+
+
+# --- fallback hostnodes ----------------------------------------------------------------
+
+# With the cap at $0.30/h every 4090 hostnode leaves $0.295/h for the bid, and by
+# on-demand price Tokyo comes first, then Eygelshoven, then the United States. Their
+# lowest bids for SPEC are 0.253, 0.269 and 0.273 at the packaged spot prices.
+FALLBACK_CAP = 0.30
+# A cap of $0.25/h leaves $0.245/h for a bid, under each of those three lowest bids.
+ALL_REJECT_CAP = 0.25
+
+
+class RecordingNotifier:
+    """Record every message sent, in order."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def send(self, message: Message) -> None:
+        self.messages.append(message)
+
+    async def stop(self) -> None:
+        return None
+
+
+def validate_notes(row: ActionRecord) -> list[str]:
+    return [call["outcome"] for call in row.api_calls if call["endpoint"] == VALIDATE_ENDPOINT]
+
+
+async def test_spot_rule_picks_fallbacks(env: Env) -> None:
+    decision, _ = await spot_deploy(env, spot_rule(FALLBACK_CAP, countries=[]))
+
+    assert decision.hostnode_id == HOST_JP
+    assert decision.fallback_hostnode_ids == (HOST_NL, HOST_US)
+    fallback_evidence = decision.evidence["fallback_offers"]
+    assert [offer["hostnode_id"] for offer in fallback_evidence] == [HOST_NL, HOST_US]
+    assert (
+        f"on {HOST_JP} (Tokyo, Tokyo, Japan) as a spot VM, bid up to $0.2950/h plus "
+        "$0.0050/h storage (on-demand $0.4230/h), or on the next of 2 other hostnodes if it "
+        "rejects the bid (cap $0.3000/h, VM 1 of 1)."
+    ) in decision.summary
+
+
+async def test_fallbacks_skip_storage_over_limit(env: Env) -> None:
+    # Storage on the Dutch hostnode ($0.035/h) alone is above the cap of $0.03/h, so
+    # the hostnodes in the United States and Finland follow Tokyo.
+    env.market.hostnode(HOST_NL).storage_price = 0.00035
+    decision, _ = await spot_deploy(env, spot_rule(0.03, countries=[]))
+
+    assert decision.hostnode_id == HOST_JP
+    assert HOST_NL not in decision.fallback_hostnode_ids
+    assert decision.fallback_hostnode_ids[0] == HOST_US
+    assert len(decision.fallback_hostnode_ids) == 2
+
+
+async def test_fallback_accepts_after_rejection(env: Env) -> None:
+    # Tokyo's lowest bid becomes 0.40 + 0.088 = 0.488, above the $0.295/h ceiling.
+    env.market.set_spot_price(HOST_JP, GPU_4090, 0.40)
+    rule = spot_rule(FALLBACK_CAP, countries=[])
+    decision, snapshot = await spot_deploy(env, rule)
+
+    [outcome] = await env.executor().execute(rule, [decision], snapshot, env.market.now())
+
+    assert outcome.status is OutcomeStatus.DONE, outcome.message
+    [vm] = [vm for vm in env.market.vms.values() if vm.name == decision.vm_name]
+    assert vm.hostnode_id == HOST_NL
+    assert vm.is_spot
+    assert 0.269 <= vm.compute_price <= 0.295
+    assert vm.compute_price + STORAGE_US <= FALLBACK_CAP
+    assert f"(spot, bid ${vm.compute_price:.4f}/h) on hostnode {HOST_NL}" in outcome.message
+    assert outcome.action_id is not None
+    row = await env.store.get_action(outcome.action_id)
+    assert row is not None
+    assert row.state == ActionState.VERIFIED
+    assert row.result is not None
+    assert row.result["hostnode_id"] == HOST_NL
+    assert row.result["skipped_hostnodes"] == {
+        HOST_JP: f"hostnode {HOST_JP} rejected spot bids up to $0.2950/h"
+    }
+    notes = validate_notes(row)
+    # One rejected probe on Tokyo, then the ceiling and six bisection probes on NL.
+    assert notes[0] == f"{HOST_JP}: spot bid $0.295000/h rejected"
+    assert len(notes) == 8
+    assert all(note.startswith(f"{HOST_NL}: ") for note in notes[1:])
+
+
+async def test_fallbacks_all_reject_blocked(env: Env) -> None:
+    rule = spot_rule(ALL_REJECT_CAP, countries=[])
+    decision, snapshot = await spot_deploy(env, rule)
+    vms_before = len(env.market.vms)
+
+    [outcome] = await env.executor().execute(rule, [decision], snapshot, env.market.now())
+
+    assert outcome.status is OutcomeStatus.BLOCKED
+    assert outcome.message == (
+        "no hostnode accepted a spot bid up to $0.2500/h with storage "
+        f"(tried {HOST_JP}, {HOST_NL}, {HOST_US}); will try again"
+    )
+    assert len(env.market.vms) == vms_before
+    assert outcome.action_id is not None
+    row = await env.store.get_action(outcome.action_id)
+    assert row is not None
+    assert row.state == ActionState.BLOCKED
+    # Each hostnode rejects the probe at its ceiling, so a tick costs three probes.
+    assert validate_notes(row) == [
+        f"{host}: spot bid $0.245000/h rejected" for host in (HOST_JP, HOST_NL, HOST_US)
+    ]
+    assert row.result is not None
+    assert list(row.result["skipped_hostnodes"]) == [HOST_JP, HOST_NL, HOST_US]
+
+
+async def test_fallback_read_error_tries_next(env: Env) -> None:
+    # The first hostnode read fails, so Tokyo is unchecked and Eygelshoven takes the VM.
+    rule = spot_rule(FALLBACK_CAP, countries=[])
+    decision, snapshot = await spot_deploy(env, rule)
+    env.market.inject_fault("client/deploy/hostnodes/{hostnode_id}", FaultMode.HTTP_500)
+
+    [outcome] = await env.executor().execute(rule, [decision], snapshot, env.market.now())
+
+    assert outcome.status is OutcomeStatus.DONE, outcome.message
+    [vm] = [vm for vm in env.market.vms.values() if vm.name == decision.vm_name]
+    assert vm.hostnode_id == HOST_NL
+    assert outcome.action_id is not None
+    row = await env.store.get_action(outcome.action_id)
+    assert row is not None
+    assert row.result is not None
+    skipped = row.result["skipped_hostnodes"]
+    assert list(skipped) == [HOST_JP]
+    assert skipped[HOST_JP].startswith(f"hostnode {HOST_JP} could not be read: ")
+
+
+async def test_fallback_errors_fail(env: Env) -> None:
+    # Every validation call fails, so no hostnode could be checked. That is an error,
+    # not the market.
+    rule = spot_rule(FALLBACK_CAP, countries=[])
+    decision, snapshot = await spot_deploy(env, rule)
+    env.market.inject_fault(VALIDATE_ENDPOINT, FaultMode.HTTP_500, count=3)
+
+    [outcome] = await env.executor().execute(rule, [decision], snapshot, env.market.now())
+
+    assert outcome.status is OutcomeStatus.FAILED
+    assert outcome.message.startswith(f"spot bids on hostnode {HOST_JP} could not be checked")
+    assert f"spot bids on hostnode {HOST_US} could not be checked" in outcome.message
+    assert outcome.message.endswith("; nothing was deployed")
+    assert not [vm for vm in env.market.vms.values() if vm.name == decision.vm_name]
+
+
+async def test_fallback_auth_error_stops(env: Env) -> None:
+    rule = spot_rule(FALLBACK_CAP, countries=[])
+    decision, snapshot = await spot_deploy(env, rule)
+    env.market.api_token = "rotated-token-5b2d0c19"
+
+    [outcome] = await env.executor().execute(rule, [decision], snapshot, env.market.now())
+
+    assert outcome.status is OutcomeStatus.FAILED
+    assert outcome.message.startswith(f"spot bids on hostnode {HOST_JP} could not be checked")
+    # Rejected credentials would fail every other hostnode the same way.
+    assert HOST_NL not in outcome.message
+    assert outcome.action_id is not None
+    row = await env.store.get_action(outcome.action_id)
+    assert row is not None
+    assert len(validate_notes(row)) == 1
+
+
+async def test_all_reject_one_info_report(env: Env) -> None:
+    notifier = RecordingNotifier()
+    engine = RuleEngine(
+        store=env.store,
+        snapshots=SnapshotProvider(env.client, env.market.clock, timedelta(0)),
+        executor=env.executor(),
+        alerts=AlertManager(env.store, notifier, repeat_interval=timedelta(minutes=5)),
+        clock=env.market.clock,
+    )
+    rule = spot_rule(ALL_REJECT_CAP, countries=[])
+
+    # Two ticks in which every hostnode rejects every bid within the cap.
+    for _ in range(2):
+        result = await engine.run_rule(rule)
+        assert result.error is None
+        [outcome] = result.outcomes
+        assert outcome.status is OutcomeStatus.BLOCKED
+        env.market.advance(timedelta(minutes=10))
+
+    assert not [vm for vm in env.market.vms.values() if vm.name == "spot-4090-1"]
+    assert [message.severity for message in notifier.messages] == ["info"]
+    [message] = notifier.messages
+    text = "\n".join(message.lines)
+    assert (
+        "no hostnode accepted a spot bid up to $0.2500/h with storage "
+        f"(tried {HOST_JP}, {HOST_NL}, {HOST_US}); will try again"
+    ) in text
+    firing = await env.store.list_alerts(state=AlertState.FIRING)
+    assert not [alert for alert in firing if alert.severity == Severity.CRITICAL.value]
+    [report] = [alert for alert in firing if alert.rule == "spot-4090:report"]
+
+    # Tokyo lowers its spot price, so the next tick deploys and the report resolves.
+    env.market.set_spot_price(HOST_JP, GPU_4090, 0.10)
+    result = await engine.run_rule(rule)
+
+    [outcome] = result.outcomes
+    assert outcome.status is OutcomeStatus.DONE, outcome.message
+    resolved = await env.store.list_alerts(state=AlertState.RESOLVED, rule="spot-4090:report")
+    assert report.subject in [alert.subject for alert in resolved]
+    assert not [message for message in notifier.messages if message.severity == "critical"]

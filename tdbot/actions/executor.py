@@ -27,6 +27,7 @@ from tdbot.actions.journal import JournalEntry
 from tdbot.actions.outcome import ActionOutcome, OutcomeStatus
 from tdbot.actions.readback import ReadBack, read_back
 from tdbot.actions.reconcile import reconcile
+from tdbot.evaluation.cheapest import spot_fallback_clause
 from tdbot.evaluation.model import (
     CancelIdleWarning,
     Decision,
@@ -472,6 +473,7 @@ def describe_action(decision: Stop | Rebid | Deploy) -> tuple[ActionKind, str, d
             "max_usd_per_hour": decision.max_usd_per_hour,
             "max_vms": decision.max_vms,
             "spot": decision.spot,
+            "fallback_hostnode_ids": list(decision.fallback_hostnode_ids),
             # The script may contain secrets, so the journal records only whether one was sent.
             "cloudinit_script": decision.cloudinit_script is not None,
             "replaces_vm_id": decision.replaces_vm_id,
@@ -491,8 +493,9 @@ def plan_text(decision: Stop | Rebid | Deploy) -> str:
     if decision.spot:
         # The bid is found just before the deploy, within this limit.
         most = guards.max_deploy_cost_usd_per_hour(decision)
+        fallback = spot_fallback_clause(len(decision.fallback_hostnode_ids))
         return (
-            f"deploy {vm} as a spot VM on hostnode {decision.hostnode_id} at the lowest "
-            f"accepted bid, at most ${most:.4f}/h with storage"
+            f"deploy {vm} as a spot VM at the lowest accepted bid, at most ${most:.4f}/h "
+            f"with storage, on hostnode {decision.hostnode_id}{fallback}"
         )
     return f"deploy {vm} on hostnode {decision.hostnode_id} at ${decision.price_usd_per_hour:.4f}/h"

@@ -13,6 +13,7 @@ class OutcomeStatus(StrEnum):
 
     DONE = "done"
     DRY_RUN = "dry_run"
+    # Not sent: a guard blocked it, or no hostnode accepted a spot bid within the limit.
     BLOCKED = "blocked"
     FAILED = "failed"
     UNKNOWN = "unknown"

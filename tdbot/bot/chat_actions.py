@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from tdbot.actions.executor import ActionExecutor
+from tdbot.actions.guards import max_deploy_cost_usd_per_hour
 from tdbot.actions.outcome import ActionOutcome, OutcomeStatus
 from tdbot.bot.confirmations import Question
 from tdbot.bot.starting import StartVm, VmStarter, start_cost_usd_per_hour
@@ -23,6 +24,7 @@ from tdbot.bot.views import usd_per_hour
 from tdbot.clock import Clock
 from tdbot.daemon.snapshot import ALL_PARTS, SnapshotProvider
 from tdbot.evaluation.burn import storage_cost, vm_hourly_cost
+from tdbot.evaluation.cheapest import spot_fallback_clause
 from tdbot.evaluation.model import Decision, Deploy, MarketSnapshot, Stop
 from tdbot.evaluation.pricing import PRICE_DECIMALS, make_offer
 from tdbot.evaluation.spot import redeploy_spec
@@ -105,8 +107,10 @@ def ask_start(vm: VirtualMachine, *, snapshot: MarketSnapshot) -> Question:
 
 def ask_deploy(rule: RuleBase, decision: Deploy) -> Question:
     """Describe a deploy that a rule wants to make and that waits for a confirmation."""
+    fallback = spot_fallback_clause(len(decision.fallback_hostnode_ids))
     title = (
-        f"Deploy {decision.vm_name} on hostnode {decision.hostnode_id} ({_deploy_price(decision)})"
+        f"Deploy {decision.vm_name} on hostnode {decision.hostnode_id}{fallback} "
+        f"({_deploy_price(decision)})"
     )
     setting = (
         "redeploy_confirm: true" if isinstance(rule, SpotRebidRule) else "deploy.confirm: true"
@@ -118,6 +122,7 @@ def ask_deploy(rule: RuleBase, decision: Deploy) -> Question:
     )
     params = dataclasses.asdict(decision)
     params["internal_ports"] = list(decision.internal_ports)
+    params["fallback_hostnode_ids"] = list(decision.fallback_hostnode_ids)
     return Question(ActionKind.DEPLOY.value, decision.vm_name, title, lines, params)
 
 
@@ -126,6 +131,11 @@ def _deploy_price(decision: Deploy) -> str:
     if not decision.spot:
         return usd_per_hour(decision.price_usd_per_hour)
     # The bid is found just before the deploy is sent, so the question shows its limit.
+    # Each fallback hostnode has its own storage price, and so its own highest bid, so
+    # with fallbacks the question gives the limit that holds for all of them.
+    if decision.fallback_hostnode_ids:
+        most = max_deploy_cost_usd_per_hour(decision)
+        return f"spot, at most {usd_per_hour(most)} with storage"
     max_bid = decision.evidence.get("max_bid_usd_per_hour")
     if max_bid is None:
         return f"spot, at most {usd_per_hour(decision.max_usd_per_hour)} with storage"
@@ -253,6 +263,7 @@ def _deploy_from_params(params: dict[str, Any]) -> Deploy:
     known = {item.name for item in dataclasses.fields(Deploy)}
     values = {key: value for key, value in params.items() if key in known}
     values["internal_ports"] = tuple(values.get("internal_ports", (22,)))
+    values["fallback_hostnode_ids"] = tuple(values.get("fallback_hostnode_ids", ()))
     return Deploy(**values)
 
 

@@ -76,10 +76,10 @@ async def forget_gone_vms(store: Store, rule: str, snapshot: MarketSnapshot) -> 
 def outcome_alerts(rule: RuleBase, outcomes: Sequence[ActionOutcome]) -> list[Decision]:
     """Turn action outcomes into messages for the user.
 
-    Every action that was carried out, only planned (dry run) or blocked by a guard is
-    reported once. An action that failed, or whose result is unknown, opens a critical
-    alert keyed by VM and action kind, which the next successful action of that kind
-    on that VM resolves.
+    Every action that was carried out, only planned (dry run) or blocked (by a guard,
+    or a spot deploy no hostnode took a bid for) is reported once. An action that
+    failed, or whose result is unknown, opens a critical alert keyed by VM and action
+    kind, which the next successful action of that kind on that VM resolves.
     """
     decisions: list[Decision] = []
     for outcome in outcomes:

@@ -16,7 +16,7 @@ Alert subjects of this rule kind:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -46,6 +46,10 @@ SUBJECT_NEW_BEST = "new-best"
 SUBJECT_MARKET = "market"
 SUBJECT_DEPLOY = "deploy"
 SUBJECT_DEAL = "deal"
+
+# Hostnodes a spot deploy tries after the first when it rejects every bid, so a deploy
+# step sends at most 1 + MAX_SPOT_FALLBACKS rejected validation calls.
+MAX_SPOT_FALLBACKS = 2
 
 
 def evaluate_cheapest(
@@ -290,11 +294,12 @@ def _deploy(
     policy = rule.deploy
     if policy is None or not policy.enabled:
         return []
-    target = _spot_target(rule, policy, offers) if rule.match.spot else offers[0]
-    if isinstance(target, Report):
+    targets = _spot_targets(rule, policy, offers) if rule.match.spot else [offers[0]]
+    if isinstance(targets, Report):
         # A rule at its VM count would deploy nothing anyway, so the price is no news.
-        return [target] if len(state.deployed_vm_ids) < policy.max_vms else []
-    if not rule.match.spot and target.price_usd_per_hour > policy.max_usd_per_hour:
+        return [targets] if len(state.deployed_vm_ids) < policy.max_vms else []
+    best, *fallbacks = targets
+    if not rule.match.spot and best.price_usd_per_hour > policy.max_usd_per_hour:
         return []
 
     # Without the VM list the live VMs cannot be counted against max_vms, and without the
@@ -316,23 +321,47 @@ def _deploy(
     if deployed >= policy.max_vms:
         return []
     vm_name = free_vm_name(rule, policy, snapshot.vms)
-    return [_make_deploy(rule, policy, target, deployed, vm_name)]
+    return [_make_deploy(rule, policy, best, deployed, vm_name, fallbacks)]
 
 
-def _spot_target(
+def _spot_targets(
     rule: CheapestHostnodeRule, policy: DeployPolicy, offers: list[Offer]
-) -> Offer | Report:
-    """Return the cheapest offer on demand that leaves room for a spot bid under the cap.
+) -> list[Offer] | Report:
+    """Return the offers a spot deploy tries, in order, or a Report when none fits the cap.
 
-    The on-demand price may be above the cap, because a spot VM pays its bid plus
-    storage. Whether the hostnode accepts a bid that low is only known when the deploy
-    step probes it. Returns a Report when storage alone reaches the cap on every offer.
+    The first is the cheapest offer on demand that leaves room for a spot bid under the
+    cap. Its on-demand price may be above the cap, because a spot VM pays its bid plus
+    storage. Up to MAX_SPOT_FALLBACKS more follow: the next cheapest offers on demand of
+    the same size that leave room for a bid under the limit the guards count for the
+    first offer, the lower of its on-demand price and the cap. Whether a hostnode
+    accepts a bid that low is only known when the deploy step probes it.
     """
     cap = policy.max_usd_per_hour
-    for offer in offers:
-        if spot_bid_ceiling(offer.price, cap) > 0:
-            return offer
+    fitting = (i for i, offer in enumerate(offers) if spot_bid_ceiling(offer.price, cap) > 0)
+    start = next(fitting, None)
+    if start is None:
+        return _storage_over_cap(rule, cap, offers)
+    first = offers[start]
 
+    # The same limit as tdbot.actions.guards.max_deploy_cost_usd_per_hour for the first.
+    limit = min(first.price_usd_per_hour, cap)
+    targets = [first]
+    for offer in offers[start + 1 :]:
+        if len(targets) > MAX_SPOT_FALLBACKS:
+            break
+        # The Deploy carries one size, so a hostnode that sizes the spec differently,
+        # or another GPU model of the spec, is not a fallback.
+        if _size_key(offer) == _size_key(first) and spot_bid_ceiling(offer.price, limit) > 0:
+            targets.append(offer)
+    return targets
+
+
+def _size_key(offer: Offer) -> tuple[str, int, int, int, int]:
+    sizing = offer.sizing
+    return (sizing.gpu_model, sizing.gpu_count, sizing.vcpus, sizing.ram_gb, sizing.storage_gb)
+
+
+def _storage_over_cap(rule: CheapestHostnodeRule, cap: float, offers: list[Offer]) -> Report:
     storage = min(offer.price.storage_usd for offer in offers)
     return Report(
         rule=rule.name,
@@ -374,6 +403,7 @@ def _make_deploy(
     best: Offer,
     deployed: int,
     vm_name: str,
+    fallbacks: Sequence[Offer] = (),
 ) -> Deploy:
     sizing = best.sizing
     evidence: dict[str, Any] = {
@@ -385,13 +415,15 @@ def _make_deploy(
     if rule.match.spot:
         evidence["spot"] = True
         evidence["max_bid_usd_per_hour"] = spot_bid_ceiling(best.price, policy.max_usd_per_hour)
+        evidence["fallback_offers"] = [offer.to_evidence() for offer in fallbacks]
+    fallback = spot_fallback_clause(len(fallbacks))
     return Deploy(
         rule=rule.name,
         subject=best.hostnode_id,
         summary=(
             f"Deploy {vm_name}: {sizing.gpu_count}x {sizing.gpu_model}, {sizing.vcpus} vCPUs, "
             f"{sizing.ram_gb} GB RAM, {sizing.storage_gb} GB storage on {best.hostnode_id} "
-            f"({best.location}) {_deploy_price(rule, policy, best)} "
+            f"({best.location}) {_deploy_price(rule, policy, best)}{fallback} "
             f"(cap ${policy.max_usd_per_hour:.4f}/h, VM {deployed + 1} of {policy.max_vms})."
         ),
         evidence=evidence,
@@ -405,7 +437,16 @@ def _make_deploy(
         max_vms=policy.max_vms,
         confirm=policy.confirm,
         spot=rule.match.spot,
+        fallback_hostnode_ids=tuple(offer.hostnode_id for offer in fallbacks),
     )
+
+
+def spot_fallback_clause(fallbacks: int) -> str:
+    """Return ", or on the next of N other hostnodes if it rejects the bid", or "" for none."""
+    if fallbacks < 1:
+        return ""
+    others = "one other hostnode" if fallbacks == 1 else f"the next of {fallbacks} other hostnodes"
+    return f", or on {others} if it rejects the bid"
 
 
 def _deploy_price(rule: CheapestHostnodeRule, policy: DeployPolicy, best: Offer) -> str:

@@ -146,7 +146,9 @@ class Deploy(Decision):
     With `spot` set, the VM is a spot VM, and the deploy step bids the lowest price the
     hostnode accepts just before sending. `price_usd_per_hour` is then the on-demand
     full price, and the caps count the VM at the lower of it and `max_usd_per_hour`,
-    the most the bid plus storage may come to (tdbot.actions.guards).
+    the most the bid plus storage may come to (tdbot.actions.guards). When
+    `hostnode_id` rejects every bid within that limit, the deploy step tries
+    `fallback_hostnode_ids` in order, with the same size and the same limit.
     """
 
     hostnode_id: str = ""
@@ -167,6 +169,8 @@ class Deploy(Decision):
     # The outbid spot VM this deploy replaces, if any; its ladder records the redeploy.
     replaces_vm_id: str | None = None
     spot: bool = False
+    # Hostnodes a spot deploy tries after `hostnode_id`, in order. Empty when on demand.
+    fallback_hostnode_ids: tuple[str, ...] = ()
 
     @property
     def spends_or_destroys(self) -> bool:
