@@ -15,6 +15,7 @@ import pytest
 
 from tdbot.alerts.manager import AlertManager
 from tdbot.evaluation.model import FireAlert, Report, ResolveAlert, Severity
+from tdbot.notify.base import Message
 from tdbot.notify.telegram import TelegramNotifier
 from tdbot.store.db import Store
 from tests.fakes.telegram_api import FakeTelegramApi
@@ -72,3 +73,23 @@ def unknown_bid(reason: str = "bid_unknown") -> Report:
         summary="The current bid of vm-1 is unknown, so it was not raised.",
         evidence={"reason": reason},
     )
+
+
+class RecordingNotifier:
+    """A notifier that records every message sent, in order, for tests without Telegram."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def send(self, message: Message) -> None:
+        self.messages.append(message)
+
+    async def stop(self) -> None:
+        return None
+
+    def text(self) -> str:
+        """Return every message's title and lines as one text."""
+        return "\n".join(f"{m.title}\n" + "\n".join(m.lines) for m in self.messages)

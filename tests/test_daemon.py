@@ -49,7 +49,6 @@ from tdbot.evaluation.model import (
     RuleState,
     Stop,
 )
-from tdbot.notify.base import Message
 from tdbot.rules.schema import (
     CheapestHostnodeRule,
     IdleStopRule,
@@ -65,6 +64,7 @@ from tdbot.simulator.testing import TEST_API_KEY, TEST_API_TOKEN, TEST_START, ru
 from tdbot.store.db import Store
 from tdbot.store.tables import ActionState
 from tdbot.tensordock.models import VmStatus
+from tests.alerting import RecordingNotifier
 
 TDBOT = str(Path(sys.executable).parent / "tdbot")
 GPU_4090 = "geforcertx4090-pcie-24gb"
@@ -111,25 +111,6 @@ LOW_BALANCE = LowBalanceRule.model_validate(
         "clear_above_balance_usd": 200.0,
     }
 )
-
-
-class RecordingNotifier:
-    """Record every message sent, in order."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    async def start(self) -> None:
-        return None
-
-    async def send(self, message: Message) -> None:
-        self.messages.append(message)
-
-    async def stop(self) -> None:
-        return None
-
-    def text(self) -> str:
-        return "\n".join(f"{m.title}\n" + "\n".join(m.lines) for m in self.messages)
 
 
 class RequestCounter:

@@ -45,7 +45,6 @@ from tdbot.evaluation.model import (
     Stop,
     WarnIdle,
 )
-from tdbot.notify.base import Message
 from tdbot.probes.hook import ProbeHook
 from tdbot.probes.script import (
     MAX_PROCESS_CHARS,
@@ -63,6 +62,7 @@ from tdbot.simulator.testing import (
 )
 from tdbot.store.db import Store
 from tdbot.tensordock.models import VirtualMachine, VmStatus
+from tests.alerting import RecordingNotifier
 
 NOW = datetime(2024, 11, 4, 12, 0, tzinfo=UTC)
 SYSTEM_TOOLS = ("sh", "cat", "head", "cut", "wc")
@@ -680,20 +680,6 @@ async def test_forgotten_host_key_trusted_again(
     record = await store.get_host_key("vm-1")
     assert record is not None
     assert record.fingerprint == rebuilt.host_key.get_fingerprint("sha256")
-
-
-class RecordingNotifier:
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    async def start(self) -> None:
-        return None
-
-    async def send(self, message: Message) -> None:
-        self.messages.append(message)
-
-    async def stop(self) -> None:
-        return None
 
 
 async def test_changed_key_alert_sent_once(

@@ -33,7 +33,6 @@ from tdbot.daemon.snapshot import SnapshotProvider
 from tdbot.evaluation.cheapest import evaluate_cheapest, spot_bid_ceiling
 from tdbot.evaluation.model import Deploy, MarketSnapshot, Report, RuleState, Severity
 from tdbot.evaluation.pricing import Offer, PriceBreakdown, make_offer, rank_hostnodes
-from tdbot.notify.base import Message
 from tdbot.rules.schema import CheapestHostnodeRule, HostnodeSpec
 from tdbot.simulator.faults import FaultMode
 from tdbot.simulator.market import SimulatedMarket
@@ -49,6 +48,7 @@ from tdbot.store.tables import ActionRecord, ActionState, AlertState
 from tdbot.tensordock.client import SpotValidation, TensorDockClient
 from tdbot.tensordock.errors import AuthenticationError
 from tdbot.tensordock.models import VmStatus
+from tests.alerting import RecordingNotifier
 
 GPU_4090 = "geforcertx4090-pcie-24gb"
 # United States, 4090 at $0.37, vCPU $0.003, RAM $0.002/GB, storage $0.00005/GB.
@@ -646,22 +646,6 @@ async def test_spot_bid_within_decided_price(env: Env) -> None:
 FALLBACK_CAP = 0.30
 # A cap of $0.25/h leaves $0.245/h for a bid, under each of those three lowest bids.
 ALL_REJECT_CAP = 0.25
-
-
-class RecordingNotifier:
-    """Record every message sent, in order."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    async def start(self) -> None:
-        return None
-
-    async def send(self, message: Message) -> None:
-        self.messages.append(message)
-
-    async def stop(self) -> None:
-        return None
 
 
 def validate_notes(row: ActionRecord) -> list[str]:
