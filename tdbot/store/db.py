@@ -30,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.sql.dml import Delete, Update
 from sqlmodel import SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import SelectOfScalar
@@ -222,6 +223,13 @@ class Store:
 
     def now(self) -> datetime:
         return self._clock()
+
+    async def _write(self, statement: Update | Delete) -> int:
+        """Run one UPDATE or DELETE in its own transaction; return how many rows it matched."""
+        async with self._sessions() as session:
+            result = await session.exec(statement)
+            await session.commit()
+            return int(result.rowcount or 0)
 
     # --- rule runs and decisions -------------------------------------------------
 
@@ -506,25 +514,17 @@ class Store:
         watch_id, last_seen = self._watch
         if taken_at <= last_seen:
             return
-        async with self._sessions() as session:
-            await session.exec(
-                update(PriceWatch)
-                .where(col(PriceWatch.id) == watch_id)
-                .values(last_seen_at=taken_at)
-            )
-            await session.commit()
+        await self._write(
+            update(PriceWatch).where(col(PriceWatch.id) == watch_id).values(last_seen_at=taken_at)
+        )
         self._watch = (watch_id, taken_at)
 
     async def _end_watch(self) -> None:
         assert self._watch is not None
         watch_id, _ = self._watch
-        async with self._sessions() as session:
-            await session.exec(
-                update(PriceWatch)
-                .where(col(PriceWatch.id) == watch_id)
-                .values(stopped_at=self.now())
-            )
-            await session.commit()
+        await self._write(
+            update(PriceWatch).where(col(PriceWatch.id) == watch_id).values(stopped_at=self.now())
+        )
         self._watch = None
 
     async def price_watches(self, *, since: datetime, until: datetime) -> list[Watch]:
@@ -692,10 +692,7 @@ class Store:
             )
             .values(last_sent_at=now)
         )
-        async with self._sessions() as session:
-            result = await session.exec(statement)
-            await session.commit()
-            return bool(result.rowcount == 1)
+        return await self._write(statement) == 1
 
     async def list_alerts(
         self, *, state: AlertState | None = None, rule: str | None = None, limit: int = 100
@@ -948,10 +945,7 @@ class Store:
             )
             .values(used_at=now)
         )
-        async with self._sessions() as session:
-            result = await session.exec(statement)
-            await session.commit()
-            return bool(result.rowcount == 1)
+        return await self._write(statement) == 1
 
     async def finish_confirmation(self, confirmation_id: str, outcome: str) -> None:
         """Store what came of a claimed confirmation, such as "done" or "cancelled"."""
@@ -960,9 +954,7 @@ class Store:
             .where(col(ConfirmationRecord.id) == confirmation_id)
             .values(outcome=outcome)
         )
-        async with self._sessions() as session:
-            await session.exec(statement)
-            await session.commit()
+        await self._write(statement)
 
     async def open_confirmation(
         self, *, origin: str, action: str, subject: str, now: datetime
@@ -1023,9 +1015,7 @@ class Store:
             .where(col(SshHostKeyRecord.vm_id) == vm_id)
             .values(last_seen_at=now)
         )
-        async with self._sessions() as session:
-            await session.exec(statement)
-            await session.commit()
+        await self._write(statement)
 
     async def forget_host_key(self, vm_id: str) -> bool:
         """Delete the stored SSH host key of a VM, so the next probe trusts the key presented.
@@ -1034,10 +1024,7 @@ class Store:
         a key was stored.
         """
         statement = delete(SshHostKeyRecord).where(col(SshHostKeyRecord.vm_id) == vm_id)
-        async with self._sessions() as session:
-            result = await session.exec(statement)
-            await session.commit()
-            return bool(result.rowcount)
+        return await self._write(statement) > 0
 
     # --- end of SSH host keys ----------------------------------------------------
 
@@ -1076,10 +1063,7 @@ class Store:
             )
             .values(value=codec.encode_idle_warning(warning), updated_at=self.now())
         )
-        async with self._sessions() as session:
-            result = await session.exec(statement)
-            await session.commit()
-            return bool(result.rowcount == 1)
+        return await self._write(statement) == 1
 
     # --- end of idle warning buttons ---------------------------------------------
 
