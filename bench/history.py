@@ -32,7 +32,7 @@ HOSTNODES_PER_MODEL = 20
 HOURS_PER_YEAR = 24 * 365
 MAX_QUERY_SECONDS = 0.1
 # The report rebuilds the full price of every stored row in Python on top of the query,
-# and a chat command or `tdbot prices` still answers at once within this.
+# and a chat command or `tdbot prices` still replies at once within this.
 MAX_REPORT_SECONDS = 0.2
 WINDOWS_DAYS = (1, 7, 30, 365)
 REPORT_DAYS = (30, 365)

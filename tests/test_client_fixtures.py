@@ -665,7 +665,7 @@ async def test_spot_existing_server_error_raises(api: FakeApi, client: TensorDoc
         await client.validate_spot_existing(VM_V100, 0.80)
 
     assert len(api.requests) == 1
-    # A re-bid may have changed the VM's price, so the message asks for a check first.
+    # A re-bid may have changed the VM's price, so the message requests a check first.
     assert "may still have carried out the call" in str(caught.value)
 
 

@@ -572,7 +572,7 @@ async def test_agent_network_rate_between_runs(endpoint: Endpoint, agent: Agent)
     first, second = await endpoint.stored()
     assert first.network_kbps is None
     assert second.network_kbps is not None
-    # The agent counts whole seconds, so a run that crosses a second boundary sees 61 s
+    # The agent counts whole seconds, so a run that crosses a second boundary measures 61 s
     # or 62 s, and the counters may grow a little between the runs.
     kilobits = int(saved_bytes) * 8 / 1000
     assert kilobits / 62 - 1 <= second.network_kbps <= kilobits / 60 * 1.02 + 1

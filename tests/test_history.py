@@ -175,11 +175,11 @@ def test_series_size_changes_ranking() -> None:
     ]
     size = DeploymentSize(gpu_count=2, vcpus=8, ram_gb=32, storage_gb=100)
 
-    one = lowest_price_series(points, DEFAULT_SIZE, since=UNTIL - HOUR, until=UNTIL)
-    two = lowest_price_series(points, size, since=UNTIL - HOUR, until=UNTIL)
+    one_gpu = lowest_price_series(points, DEFAULT_SIZE, since=UNTIL - HOUR, until=UNTIL)
+    two_gpus = lowest_price_series(points, size, since=UNTIL - HOUR, until=UNTIL)
 
-    assert one == [PriceStep(UNTIL - HOUR, 1.25)]
-    assert two == [PriceStep(UNTIL - HOUR, 3.25)]
+    assert one_gpu == [PriceStep(UNTIL - HOUR, 1.25)]
+    assert two_gpus == [PriceStep(UNTIL - HOUR, 3.25)]
 
 
 def test_unwatched_time_is_gap() -> None:

@@ -423,7 +423,7 @@ class DeployRunner:
 
 @dataclass(frozen=True)
 class _Skipped:
-    """Why a spot deploy did not go to a hostnode; `error` marks a failed check, not the market."""
+    """The reason a spot deploy skipped a hostnode; `error` marks a failed check, not the market."""
 
     hostnode_id: str
     reason: str

@@ -492,10 +492,10 @@ def plan_text(decision: Stop | Rebid | Deploy) -> str:
     vm = f"{decision.vm_name} ({decision.gpu_count}x {decision.gpu_model})"
     if decision.spot:
         # The bid is found just before the deploy, within this limit.
-        most = guards.max_deploy_cost_usd_per_hour(decision)
+        limit = guards.max_deploy_cost_usd_per_hour(decision)
         fallback = spot_fallback_clause(len(decision.fallback_hostnode_ids))
         return (
-            f"deploy {vm} as a spot VM at the lowest accepted bid, at most ${most:.4f}/h "
+            f"deploy {vm} as a spot VM at the lowest accepted bid, at most ${limit:.4f}/h "
             f"with storage, on hostnode {decision.hostnode_id}{fallback}"
         )
     return f"deploy {vm} on hostnode {decision.hostnode_id} at ${decision.price_usd_per_hour:.4f}/h"

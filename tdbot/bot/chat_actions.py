@@ -134,8 +134,8 @@ def _deploy_price(decision: Deploy) -> str:
     # Each fallback hostnode has its own storage price, and so its own highest bid, so
     # with fallbacks the question gives the limit that holds for all of them.
     if decision.fallback_hostnode_ids:
-        most = max_deploy_cost_usd_per_hour(decision)
-        return f"spot, at most {usd_per_hour(most)} with storage"
+        limit = max_deploy_cost_usd_per_hour(decision)
+        return f"spot, at most {usd_per_hour(limit)} with storage"
     max_bid = decision.evidence.get("max_bid_usd_per_hour")
     if max_bid is None:
         return f"spot, at most {usd_per_hour(decision.max_usd_per_hour)} with storage"

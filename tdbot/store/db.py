@@ -498,7 +498,7 @@ class Store:
                 latest = (
                     await session.exec(select(PriceWatch).order_by(col(PriceWatch.id).desc()))
                 ).first()
-            # A restart soon after a crash continues the watch; after a clean stop the
+            # A restart soon after a crash continues the watch. After a clean stop the
             # time between is known to be unwatched, so a new watch starts.
             if latest is not None and latest.id is not None and latest.stopped_at is None:
                 self._watch = (latest.id, latest.last_seen_at)
@@ -1315,7 +1315,7 @@ class _MissingColumnError(Exception):
     """A table lacks a column that cannot be added to rows already stored."""
 
 
-# What a user can do about a database tdbot cannot open.
+# The fix offered when tdbot cannot open a database.
 _DATABASE_FIX = (
     "Set daemon.database to a SQLite file path or to a postgresql+asyncpg://user@host/name "
     "URL (with the postgres extra installed)"

@@ -167,7 +167,7 @@ class AlertRecord(SQLModel, table=True):
 
 
 class PriceSnapshot(SQLModel, table=True):
-    """What one GPU model on one hostnode offers, written only when something changes.
+    """The offer of one GPU model on one hostnode, written only when something changes.
 
     The unit prices and free amounts of vCPUs, RAM, storage and ports, and the
     hostnode's restrictions, are kept with the GPU price, so the full price of any
@@ -202,8 +202,8 @@ class PriceSnapshot(SQLModel, table=True):
 class PriceWatch(SQLModel, table=True):
     """A stretch of time in which the daemon took market snapshots without a long break.
 
-    Price rows are written only on change, so these rows are what tells a price that
-    held from a price nobody saw: the daemon stopped, or the hostnode list failed.
+    Price rows are written only on change, so these rows tell a price that held apart
+    from one that went unobserved because the daemon stopped or the hostnode list failed.
     """
 
     __tablename__ = "price_watch"
@@ -276,7 +276,7 @@ class ConfirmationRecord(SQLModel, table=True):
     __table_args__ = (Index("ix_confirmation_open", "action", "subject", "origin"),)
 
     id: str = Field(primary_key=True, max_length=16)
-    # BIGINT, because the Telegram Bot API says chat and user ids may have up to 52
+    # BIGINT, because the Telegram Bot API documents chat and user ids of up to 52
     # significant bits, and PostgreSQL's INTEGER has 32. SQLite stores both types alike.
     chat_id: int | None = Field(default=None, sa_type=BigInteger)
     user_id: int | None = Field(default=None, sa_type=BigInteger)
